@@ -1,0 +1,100 @@
+"""Config: defaults < config file < --key=value flags, with strict keys and types."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from configurator import UserError, load_config, resolve_compile, resolve_device, resolve_dtype
+from conftest import run_script
+
+
+@dataclass
+class Cfg:
+    max_iters: int = 100
+    lr_decay_iters: int = 100
+    learning_rate: float = 1e-3
+    dataset: str = 'openwebtext'
+    bias: bool = False
+    top_k: int | None = 200
+    compile: bool | str = 'auto'
+
+
+def write(tmp_path, text):
+    path = tmp_path / 'cfg.py'
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults():
+    assert load_config(Cfg, []) == Cfg()
+
+
+def test_config_file_then_flags_in_order(tmp_path):
+    path = write(tmp_path, "max_iters = 500\nlr_decay_iters = max_iters  # sees earlier values\ndataset = 'shakespeare_char'\n")
+    cfg = load_config(Cfg, ['--max_iters=7', path, '--learning_rate=3e-4'])
+    assert cfg.max_iters == 500  # the file came after the flag
+    assert cfg.lr_decay_iters == 500 and cfg.dataset == 'shakespeare_char' and cfg.learning_rate == 3e-4
+
+
+def test_config_file_may_import_and_use_private_names(tmp_path):
+    path = write(tmp_path, "import math\n_steps = 2 ** 10\nmax_iters = _steps\nlearning_rate = math.sqrt(1e-6)\n")
+    cfg = load_config(Cfg, [path])
+    assert cfg.max_iters == 1024 and cfg.learning_rate == pytest.approx(1e-3)
+
+
+def test_flag_values_are_python_literals():
+    cfg = load_config(Cfg, ['--bias=True', '--learning_rate=1', '--dataset=shakespeare', '--top_k=None',
+                            '--compile=False'])
+    assert cfg.bias is True and cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert cfg.dataset == 'shakespeare' and cfg.top_k is None and cfg.compile is False
+
+
+def test_string_value_may_contain_equals_sign():
+    assert load_config(Cfg, ['--dataset=a=b']).dataset == 'a=b'
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--max_iter=5'], "unknown config key 'max_iter' (did you mean 'max_iters'?)"),
+    (['--max_iters=5.5'], "config key 'max_iters' must be int, got float 5.5"),
+    (['--max_iters=True'], "config key 'max_iters' must be int, got bool True"),  # a bool is no int
+    (['--bias=1'], "config key 'bias' must be bool, got int 1"),
+    (['--learning_rate=fast'], "config key 'learning_rate': cannot parse value 'fast'"),
+    (['--dataset'], "flag '--dataset' must be written --key=value"),
+    (['missing.py'], "config file 'missing.py' not found"),
+])
+def test_bad_flags_are_one_line_errors_naming_the_key(args, message):
+    with pytest.raises(UserError) as e:
+        load_config(Cfg, args)
+    assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    path = write(tmp_path, "learning_rat = 1e-3\n")
+    with pytest.raises(UserError, match=r"in .*cfg.py: unknown config key 'learning_rat' \(did you mean 'learning_rate'\?\)"):
+        load_config(Cfg, [path])
+
+
+def test_cli_error_is_one_line_without_traceback():
+    r = run_script('train.py', '--batchsize=32')
+    assert r.returncode == 2
+    assert r.stderr == "error: unknown config key 'batchsize' (did you mean 'batch_size'?)\n"
+
+
+def test_shipped_configs_load():
+    from train import TrainConfig
+    cfg = load_config(TrainConfig, ['config/train_shakespeare_char.py', '--batch_size=32', '--compile=False'])
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size) == (6, 6, 384, 256, 32)
+    assert cfg.dropout == 0.2 and cfg.max_iters == 5000 and cfg.compile is False
+    cfg = load_config(TrainConfig, ['config/train_shakespeare_char_cpu.py'])
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.max_iters) == (4, 4, 128, 64, 12, 2000)
+
+
+def test_device_dtype_compile_resolution():
+    assert resolve_device('cpu') == 'cpu'
+    assert resolve_device('auto') in ('cuda', 'mps', 'cpu')
+    assert resolve_dtype('auto', 'cpu') == 'float32'
+    assert resolve_compile('auto', 'cpu') is False and resolve_compile(True, 'cpu') is True
+    with pytest.raises(UserError, match='float16 needs CUDA'):
+        resolve_dtype('float16', 'cpu')
+    with pytest.raises(UserError, match='unknown device'):
+        resolve_device('tpu')
