@@ -1,0 +1,51 @@
+"""
+Vocabularies: one place that turns a vocabulary spec into encode/decode.
+
+A spec is a small JSON-able dict, stored in a dataset's meta.json and in every checkpoint, so a model
+can be sampled without the data folder it was trained on:
+    {"kind": "char", "chars": "\n !$&',-.3:;?ABC..."}   one id per character, in this order
+    {"kind": "tiktoken", "encoding": "r50k_base"}       a BPE from tiktoken (r50k_base is GPT-2's)
+"""
+
+from configurator import UserError
+
+
+def char_vocab(text):
+    """The character-level spec of a text: its distinct characters, sorted by code point."""
+    return {'kind': 'char', 'chars': ''.join(sorted(set(text)))}
+
+
+class Tokenizer:
+
+    def __init__(self, spec):
+        self.spec = spec
+        if spec['kind'] == 'char':
+            self.chars = spec['chars']
+            self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+            self.vocab_size = len(self.chars)
+            self.eot_token = None
+        elif spec['kind'] == 'tiktoken':
+            import tiktoken
+            try:
+                self.enc = tiktoken.get_encoding(spec['encoding'])
+            except Exception as e:  # offline with no cache: tiktoken raises a requests error
+                raise UserError(f"cannot load the '{spec['encoding']}' BPE ({type(e).__name__}); with no "
+                                "network, point TIKTOKEN_CACHE_DIR at a folder holding its cached file") from None
+            self.vocab_size = self.enc.n_vocab
+            self.eot_token = self.enc.eot_token
+        else:
+            raise UserError(f"unknown vocabulary kind {spec['kind']!r} (expected 'char' or 'tiktoken')")
+
+    def encode(self, text):
+        if self.spec['kind'] == 'char':
+            unknown = sorted(set(text) - self.stoi.keys())
+            if unknown:
+                raise UserError(f"characters not in the model's vocabulary: {''.join(unknown)!r} "
+                                "(use only characters the model was trained on)")
+            return [self.stoi[c] for c in text]
+        return self.enc.encode(text, allowed_special={'<|endoftext|>'})
+
+    def decode(self, ids):
+        if self.spec['kind'] == 'char':
+            return ''.join(self.chars[i] for i in ids)
+        return self.enc.decode(list(ids))
