@@ -63,6 +63,14 @@ def write_dataset(out_dir, train_ids, val_ids, vocab, vocab_size):
     print(f"vocab_size {vocab_size:,}; train has {len(train_ids):,} tokens, val {len(val_ids):,}; written to {out_dir}")
 
 
+def split_and_write(text, vocab, out_dir, val_fraction=0.1):
+    """Encode the first (1 - val_fraction) of the text as train, the rest as val, and write both."""
+    from tokenizer import Tokenizer
+    tok = Tokenizer(vocab)
+    cut = int(len(text) * (1 - val_fraction))
+    write_dataset(out_dir, tok.encode(text[:cut]), tok.encode(text[cut:]), vocab, tok.vocab_size)
+
+
 def run(main):
     """Run a prepare script's main(), turning a UserError into one line and exit status 2."""
     try:

@@ -14,8 +14,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import read_text, run, write_dataset  # noqa: E402
-from tokenizer import Tokenizer, char_vocab  # noqa: E402
+from data.common import read_text, run, split_and_write  # noqa: E402
+from tokenizer import char_vocab  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
@@ -27,12 +27,7 @@ def main():
     parser.add_argument('--out_dir', default=HERE, help='where to write the bins (default: this folder)')
     args = parser.parse_args()
     text = read_text(args.input, URL, os.path.join(HERE, 'input.txt'))
-    vocab = char_vocab(text)
-    tok = Tokenizer(vocab)
-    n = len(text)
-    train_ids = tok.encode(text[:int(n * 0.9)])
-    val_ids = tok.encode(text[int(n * 0.9):])
-    write_dataset(args.out_dir, train_ids, val_ids, vocab, tok.vocab_size)
+    split_and_write(text, char_vocab(text), args.out_dir)
 
 
 if __name__ == '__main__':
