@@ -102,10 +102,12 @@ def print_config(cfg):
     print('config: ' + ', '.join(f'{k}={v!r}' for k, v in dataclasses.asdict(cfg).items()))
 
 
-def cli(main, cls, argv=None):
+def cli(main, cls=None, argv=None):
     """Entry point of every script: parse argv into a `cls` config, run main(cfg), and turn a
-    UserError into one line on stderr and exit status 2."""
+    UserError into one line on stderr and exit status 2. Without cls, main() parses its own args."""
     try:
+        if cls is None:
+            return main()
         cfg = load_config(cls, sys.argv[1:] if argv is None else argv)
         return main(cfg)
     except UserError as e:

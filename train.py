@@ -10,6 +10,7 @@ Several nodes (run on each, with its --node_rank):
     torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=1234 train.py ...
 """
 
+import json
 import math
 import os
 import random
@@ -158,6 +159,30 @@ def estimate_loss(model, splits, cfg, device, ctx):
 
 
 # ----------------------------------------------------------------------------------------------------
+# metrics log
+
+def open_metrics(out_dir, start_iter):
+    """out_dir/metrics.jsonl for appending, one JSON object per line. A resumed run keeps the rows up
+    to the step it resumes from and drops later ones, which it is about to redo."""
+    path = os.path.join(out_dir, 'metrics.jsonl')
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    if start_iter > 0 and os.path.isfile(path):
+        with open(path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)['iter'] <= start_iter]
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(rows)
+    os.replace(path + '.tmp', path)
+    return open(path, 'a')
+
+
+def format_duration(seconds):
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------------
 # random state, for exact resume
 
 def rng_state():
@@ -294,6 +319,16 @@ def train(cfg, device, rank, world_size, master):
         except ImportError:
             raise UserError("wandb_log=True needs Weights & Biases: pip install wandb") from None
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
+    metrics = open_metrics(cfg.out_dir, iter_num) if master and not cfg.eval_only else None
+
+    def log(**row):
+        # one row of metrics.jsonl (and of wandb): the step, tokens seen so far, the values, wall time
+        row = {'iter': iter_num, 'tokens': iter_num * tokens_per_iter, **row, 'time': round(time.time(), 3)}
+        if metrics:
+            metrics.write(json.dumps(row) + '\n')
+            metrics.flush()
+        if wandb:
+            wandb.log(row, step=iter_num)
 
     def batch(step, micro):
         # this process's micro-step `micro` of step `step`: rows of the step's global batch
@@ -312,19 +347,18 @@ def train(cfg, device, rank, world_size, master):
     peak = peak_flops(device, dtype) if master else 0.0
     start_iter = iter_num
     X, Y = batch(iter_num, 0)  # the first batch; later ones are fetched while the device computes
-    t_log, iters_logged, mfu = time.perf_counter(), 0, -1.0
+    t_log, iters_logged, mfu, dt_avg = time.perf_counter(), 0, -1.0, None
     while True:
         # Evaluate (and save) every eval_interval steps and always after the last step. A resumed
         # run skips its first evaluation: the checkpoint it came from was just evaluated.
         last = iter_num >= cfg.max_iters
-        if last or cfg.eval_only or (iter_num % cfg.eval_interval == 0 and iter_num != start_iter):
+        resumed_here = cfg.init_from == 'resume' and iter_num == start_iter
+        if last or cfg.eval_only or (iter_num % cfg.eval_interval == 0 and not resumed_here):
             losses = estimate_loss(model, splits, cfg, device, ctx)
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                       f"{time.perf_counter() - t_launch:.1f} s since start")
-                if wandb:
-                    wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'],
-                               'lr': get_lr(iter_num, cfg)})
+                log(eval_train_loss=losses['train'], val_loss=losses['val'])
             is_best = losses['val'] < best_val_loss
             if not cfg.eval_only and iter_num > start_iter and (is_best or cfg.always_save_checkpoint):
                 if is_best:
@@ -372,8 +406,16 @@ def train(cfg, device, rank, world_size, master):
                 if iter_num - start_iter > 5:  # leave warm-up (and compilation) steps out of the MFU
                     step_mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak)
                     mfu = step_mfu if mfu < 0 else 0.9 * mfu + 0.1 * step_mfu
-                print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
-                      f"{tokens_per_iter / dt:,.0f} tok/s, mfu {max(mfu, 0) * 100:.1f}%")
+                dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
+                eta = (cfg.max_iters - iter_num) * dt_avg  # evaluations not counted
+                print(f"iter {iter_num}/{cfg.max_iters} ({100 * iter_num / max(cfg.max_iters, 1):.0f}%): "
+                      f"loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, {tokens_per_iter / dt:,.0f} tok/s, "
+                      f"mfu {max(mfu, 0) * 100:.1f}%, eta {format_duration(eta)}")
+                log(train_loss=lossf, lr=lr, ms_per_iter=round(dt * 1000, 3), mfu=round(max(mfu, 0), 5))
+    if metrics:
+        metrics.close()
+    if wandb:
+        wandb.finish()
     return {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'losses': losses}
 
 

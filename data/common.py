@@ -70,11 +70,3 @@ def split_and_write(text, vocab, out_dir, val_fraction=0.1):
     cut = int(len(text) * (1 - val_fraction))
     write_dataset(out_dir, tok.encode(text[:cut]), tok.encode(text[cut:]), vocab, tok.vocab_size)
 
-
-def run(main):
-    """Run a prepare script's main(), turning a UserError into one line and exit status 2."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

@@ -99,6 +99,6 @@ def test_training_from_the_command_line(tmp_path, char_data):
                    f'--out_dir={tmp_path}', '--max_iters=4', '--eval_interval=2', '--eval_iters=2',
                    '--log_interval=1', '--n_layer=1', '--n_embd=32', '--n_head=2')
     assert r.returncode == 0, r.stderr
-    assert 'iter 4: loss' in r.stdout and 'tok/s' in r.stdout and 'mfu' in r.stdout
+    assert 'iter 4/4 (100%): loss' in r.stdout and 'eta 0m00s' in r.stdout and 'tok/s' in r.stdout and 'mfu' in r.stdout
     assert 'step 4: train loss' in r.stdout
     assert load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))['iter_num'] == 4

@@ -14,7 +14,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import read_text, run, split_and_write  # noqa: E402
+from configurator import cli  # noqa: E402
+from data.common import read_text, split_and_write  # noqa: E402
 from tokenizer import char_vocab  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,4 +32,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run(main)
+    cli(main)

@@ -1,0 +1,74 @@
+"""
+Your own text as a dataset: a file, or a folder of .txt files (one document each, in name order).
+
+    python data/text/prepare.py --input my_novel.txt                        # -> data/my_novel/, characters
+    python data/text/prepare.py --input letters/ --tokenizer gpt2 --name letters   # -> data/letters/, GPT-2 BPE
+    python train.py config/train_shakespeare_char_cpu.py --dataset=my_novel --out_dir=out-my-novel
+    python sample.py --out_dir=out-my-novel
+
+Like the Shakespeare scripts: the first 90% of the text is train, the rest val, as uint16 ids in
+train.bin/val.bin with the vocabulary in meta.json. With --tokenizer char (the default) each distinct
+character is a token, documents are joined by a newline; with gpt2, documents are separated by
+GPT-2's <|endoftext|> token.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from configurator import UserError, cli  # noqa: E402
+from data.common import read_text, split_and_write  # noqa: E402
+from tokenizer import char_vocab  # noqa: E402
+
+DATA = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPT2_VOCAB = {'kind': 'tiktoken', 'encoding': 'r50k_base'}  # r50k_base is GPT-2's BPE, id for id
+
+
+def read_documents(path):
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith('.txt'))
+        if not files:
+            raise UserError(f"no .txt files in folder {path}")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise UserError(f"input {path} not found")
+    docs = []
+    if len(files) > 100:
+        from tqdm import tqdm
+        files = tqdm(files, desc='reading', unit='file')
+    for f in files:
+        text = read_text(f)
+        if text.strip():
+            docs.append(text)
+    if not docs:
+        raise UserError(f"{path} holds no text (empty file{'s' if len(files) > 1 else ''})")
+    return docs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument('--input', required=True, help='a UTF-8 text file, or a folder of .txt files')
+    parser.add_argument('--tokenizer', choices=('char', 'gpt2'), default='char')
+    parser.add_argument('--name', help='dataset name, i.e. data/NAME (default: the input file or folder name)')
+    parser.add_argument('--out_dir', help='write here instead of data/NAME')
+    parser.add_argument('--val_fraction', type=float, default=0.1)
+    args = parser.parse_args()
+    if not 0 < args.val_fraction < 1:
+        raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    docs = read_documents(args.input)
+    name = args.name or os.path.splitext(os.path.basename(os.path.normpath(args.input)))[0]
+    out_dir = args.out_dir or os.path.join(DATA, name)
+    if args.tokenizer == 'char':
+        text = '\n'.join(docs)
+        vocab = char_vocab(text)
+    else:
+        text = '<|endoftext|>'.join(docs)  # encoded as the single end-of-text token between documents
+        vocab = GPT2_VOCAB
+    split_and_write(text, vocab, out_dir, args.val_fraction)
+    print(f"train on it with --dataset={name}" + (f" --data_dir={out_dir}" if args.out_dir else ''))
+
+
+if __name__ == '__main__':
+    cli(main)

@@ -1,0 +1,74 @@
+"""
+Plot training runs: train and val loss (and the learning rate) against tokens seen, from the
+metrics.jsonl that train.py writes in each out_dir.
+
+    python plot.py out-shakespeare-char-cpu
+    python plot.py out-a out-b --output=compare.png --title="lr 1e-3 vs 3e-3"
+
+Needs matplotlib (pip install matplotlib).
+"""
+
+import argparse
+import json
+import os
+
+from configurator import UserError, cli
+
+
+def read_metrics(out_dir):
+    path = os.path.join(out_dir, 'metrics.jsonl')
+    if not os.path.isfile(path):
+        raise UserError(f"no metrics log at {path}: train a run with this out_dir first")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        raise UserError(f"{path} is empty: the run has not logged a step yet")
+    return rows
+
+
+def plot(out_dirs, output, title=None, width=1000, height=700):
+    """Write a PNG of width x height pixels: losses on top, learning rate below, one colour per run."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+    matplotlib.use('Agg')  # files only, no window
+    import matplotlib.pyplot as plt
+    dpi = 100
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(width / dpi, height / dpi), dpi=dpi, sharex=True,
+                                         gridspec_kw={'height_ratios': [3, 1]})
+    for i, out_dir in enumerate(out_dirs):
+        rows, color, name = read_metrics(out_dir), f'C{i}', os.path.basename(os.path.normpath(out_dir))
+        steps = [r for r in rows if 'train_loss' in r]
+        evals = [r for r in rows if 'val_loss' in r]
+        ax_loss.plot([r['tokens'] for r in steps], [r['train_loss'] for r in steps], color=color,
+                     alpha=0.35, linewidth=1, label=f'{name} train (logged steps)')
+        ax_loss.plot([r['tokens'] for r in evals], [r['val_loss'] for r in evals], color=color,
+                     marker='o', markersize=3, label=f'{name} val')
+        ax_lr.plot([r['tokens'] for r in steps], [r['lr'] for r in steps], color=color)
+    ax_loss.set_ylabel('loss (nats/token)')
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    ax_loss.set_title(title or 'training runs')
+    ax_lr.set_ylabel('learning rate')
+    ax_lr.set_xlabel('tokens seen')
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(output, dpi=dpi)
+    plt.close(fig)
+    print(f"wrote {output} ({width}x{height})")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument('out_dirs', nargs='+', help="training runs' out_dir folders")
+    parser.add_argument('--output', default='loss.png', help='the PNG to write')
+    parser.add_argument('--title')
+    parser.add_argument('--width', type=int, default=1000, help='pixels')
+    parser.add_argument('--height', type=int, default=700, help='pixels')
+    args = parser.parse_args()
+    plot(args.out_dirs, args.output, args.title, args.width, args.height)
+
+
+if __name__ == '__main__':
+    cli(main)
