@@ -357,7 +357,7 @@ def train(cfg, device, rank, world_size, master):
             losses = estimate_loss(model, splits, cfg, device, ctx)
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                      f"{time.perf_counter() - t_launch:.1f} s since start")
+                      f"{time.perf_counter() - t_launch:.1f} s since start", flush=True)
                 log(eval_train_loss=losses['train'], val_loss=losses['val'])
             is_best = losses['val'] < best_val_loss
             if not cfg.eval_only and iter_num > start_iter and (is_best or cfg.always_save_checkpoint):
@@ -410,7 +410,7 @@ def train(cfg, device, rank, world_size, master):
                 eta = (cfg.max_iters - iter_num) * dt_avg  # evaluations not counted
                 print(f"iter {iter_num}/{cfg.max_iters} ({100 * iter_num / max(cfg.max_iters, 1):.0f}%): "
                       f"loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, {tokens_per_iter / dt:,.0f} tok/s, "
-                      f"mfu {max(mfu, 0) * 100:.1f}%, eta {format_duration(eta)}")
+                      f"mfu {max(mfu, 0) * 100:.1f}%, eta {format_duration(eta)}", flush=True)  # shows in `| tee` too
                 log(train_loss=lossf, lr=lr, ms_per_iter=round(dt * 1000, 3), mfu=round(max(mfu, 0), 5))
     if metrics:
         metrics.close()
