@@ -43,7 +43,7 @@ def load_corpus(path, num_proc):
                             "get a copy by other means and pass --input DIR") from None
     if not os.path.isdir(path):
         raise UserError(f"--input {path} is not a folder (expected .txt files or a dataset saved with save_to_disk)")
-    if os.path.isfile(os.path.join(path, 'dataset_info.json')) or os.path.isfile(os.path.join(path, 'dataset_dict.json')):
+    if any(os.path.isfile(os.path.join(path, f)) for f in ('dataset_info.json', 'dataset_dict.json')):
         ds = load_from_disk(path)
         ds = ds['train'] if isinstance(ds, DatasetDict) else ds
         if 'text' not in ds.column_names:
