@@ -1,7 +1,9 @@
 """
-Sample text from a trained model. Needs nothing but the checkpoint (it carries its vocabulary).
+Sample text from a trained model. Needs nothing but the checkpoint (it carries its vocabulary), or
+OpenAI's GPT-2 itself.
 
     python sample.py --out_dir=out-shakespeare-char
+    python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --device=cpu
 """
@@ -14,11 +16,13 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import UserError, autocast_context, cli, resolve_compile, resolve_device, resolve_dtype
-from tokenizer import Tokenizer
+from model import GPT
+from tokenizer import GPT2_VOCAB, Tokenizer
 
 
 @dataclass
 class SampleConfig:
+    init_from: str = 'resume'  # 'resume' (out_dir/ckpt), or OpenAI's 'gpt2' ... 'gpt2-xl' or a local HF GPT-2 folder
     out_dir: str = 'out'  # the training run's folder
     ckpt: str = 'best.pt'  # which checkpoint in out_dir: best.pt (lowest val loss) or ckpt.pt (latest)
     start: str = '\n'  # the prompt, or FILE:path to read it from a file
@@ -44,10 +48,14 @@ def main(cfg):
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
 
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt))
-    model = model_from_checkpoint(ckpt, dropout=0.0)
-    tokenizer = Tokenizer(ckpt['vocab'])
-    del ckpt
+    if cfg.init_from == 'resume':
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt))
+        model = model_from_checkpoint(ckpt, dropout=0.0)
+        tokenizer = Tokenizer(ckpt['vocab'])
+        del ckpt
+    else:
+        model = GPT.from_pretrained(cfg.init_from, dropout=0.0)
+        tokenizer = Tokenizer(GPT2_VOCAB)
     model.eval().to(device)
     if resolve_compile(cfg.compile, device):
         model = torch.compile(model)

@@ -9,6 +9,8 @@ can be sampled without the data folder it was trained on:
 
 from configurator import UserError
 
+GPT2_VOCAB = {'kind': 'tiktoken', 'encoding': 'r50k_base'}  # OpenAI's GPT-2 BPE, byte for byte
+
 
 def char_vocab(text):
     """The character-level spec of a text: its distinct characters, sorted by code point."""

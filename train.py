@@ -1,5 +1,5 @@
 """
-Train a GPT: from scratch, or resumed from out_dir/ckpt.pt.
+Train a GPT: from scratch, resumed from out_dir/ckpt.pt, or finetuned from OpenAI's GPT-2.
 
 CPU or one GPU (the device is picked automatically; see configurator.py):
     python train.py config/train_shakespeare_char_cpu.py
@@ -8,6 +8,8 @@ Several GPUs on one node, with DistributedDataParallel:
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 Several nodes (run on each, with its --node_rank):
     torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=1234 train.py ...
+Finetune OpenAI's GPT-2 (init_from='gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local HF folder):
+    python data/shakespeare/prepare.py && python train.py config/finetune_shakespeare.py
 """
 
 import json
@@ -23,7 +25,7 @@ import torch
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, FORMAT_VERSION
 from configurator import (UserError, autocast_context, cli, peak_flops, print_config, resolve_compile,
                           resolve_device, resolve_dtype)
-from model import GPT, GPTConfig
+from model import GPT, GPT2_NAMES, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,7 +39,9 @@ class TrainConfig:
     eval_iters: int = 200  # batches per split in each loss estimate
     eval_only: bool = False  # evaluate once and exit
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
-    init_from: str = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    init_from: str = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or OpenAI's GPT-2 to finetune:
+    # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face GPT-2 folder (its shape wins
+    # over n_layer, n_head, n_embd, bias; block_size crops its 1024 positions)
     seed: int = 1337  # seeds the initialisation, the batches and dropout
     # Weights & Biases (optional: pip install wandb)
     wandb_log: bool = False
@@ -215,8 +219,9 @@ def check_config(cfg):
         raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.init_from not in ('scratch', 'resume'):
-        raise UserError(f"init_from must be 'scratch' or 'resume', got {cfg.init_from!r}")
+    if cfg.init_from not in ('scratch', 'resume', *GPT2_NAMES) and not os.path.isdir(cfg.init_from):
+        raise UserError(f"init_from must be 'scratch', 'resume', one of {', '.join(GPT2_NAMES)} or a local "
+                        f"Hugging Face GPT-2 folder, got {cfg.init_from!r}")
 
 
 def main(cfg):
@@ -266,7 +271,7 @@ def train(cfg, device, rank, world_size, master):
         torch.backends.cudnn.allow_tf32 = True
 
     vocab, splits = open_dataset(cfg)
-    from tokenizer import Tokenizer
+    from tokenizer import GPT2_VOCAB, Tokenizer
     vocab_size = Tokenizer(vocab).vocab_size
 
     model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
@@ -277,19 +282,39 @@ def train(cfg, device, rank, world_size, master):
             print(f"initialising a new model, vocab_size {vocab_size}")
         model = GPT(GPTConfig(**model_args))
         iter_num, best_val_loss = 0, float('inf')
-    else:
+    elif cfg.init_from == 'resume':
         ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
         ckpt = load_checkpoint(ckpt_path, device='cpu')
-        for key in (*MODEL_KEYS[:-1], 'vocab_size'):
-            if ckpt['model_args'][key] != model_args[key]:
-                raise UserError(f"{ckpt_path} has {key}={ckpt['model_args'][key]!r} but this run asks for "
+        # Compare with the run config the checkpoint was trained with, not its model_args: a run started
+        # from GPT-2 took its shape from the pretrained model, whatever n_layer etc. it was given.
+        for key in MODEL_KEYS[:-1]:
+            if ckpt['config'][key] != model_args[key]:
+                raise UserError(f"{ckpt_path} has {key}={ckpt['config'][key]!r} but this run asks for "
                                 f"{model_args[key]!r}: resume with the checkpoint's settings")
         if ckpt['vocab'] != vocab:
             raise UserError(f"{ckpt_path} was trained with another vocabulary than dataset '{cfg.dataset}'")
         model = model_from_checkpoint(ckpt, dropout=cfg.dropout)
+        model_args = asdict(model.config)  # the checkpoint's shape, which may be GPT-2's
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
         if master:
             print(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
+    else:
+        if vocab != GPT2_VOCAB:
+            raise UserError(f"init_from={cfg.init_from!r} reads GPT-2's BPE, but dataset '{cfg.dataset}' has a "
+                            f"{vocab['kind']} vocabulary: use a GPT-2 BPE dataset such as shakespeare or openwebtext")
+        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+        if cfg.block_size > model.config.block_size:
+            raise UserError(f"{cfg.init_from} has {model.config.block_size} positions, fewer than block_size "
+                            f"{cfg.block_size}: use --block_size={model.config.block_size} or less")
+        if model.config.vocab_size < vocab_size:
+            raise UserError(f"{cfg.init_from} has {model.config.vocab_size} token embeddings, fewer than GPT-2's "
+                            f"{vocab_size}: it is not a GPT-2 BPE model")
+        model.crop_block_size(cfg.block_size)
+        model_args = asdict(model.config)  # what the checkpoint records, so resume and sampling rebuild it
+        iter_num, best_val_loss = 0, float('inf')
+        if master:
+            print(f"initialising from OpenAI's GPT-2 weights: {cfg.init_from}, {model.get_num_params() / 1e6:.2f}M "
+                  f"parameters, block_size {cfg.block_size}")
     model.to(device)
 
     # A GradScaler only for fp16, whose narrow range would flush small gradients to zero.

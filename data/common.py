@@ -5,7 +5,6 @@ writing token ids as the headerless uint16 train.bin/val.bin plus meta.json that
 
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -57,10 +56,14 @@ def write_dataset(out_dir, train_ids, val_ids, vocab, vocab_size):
     os.makedirs(out_dir, exist_ok=True)
     write_split(train_ids, os.path.join(out_dir, 'train.bin'))
     write_split(val_ids, os.path.join(out_dir, 'val.bin'))
-    meta = {'vocab': vocab, 'vocab_size': vocab_size, 'train_tokens': len(train_ids), 'val_tokens': len(val_ids)}
+    write_meta(out_dir, vocab, vocab_size, len(train_ids), len(val_ids))
+
+
+def write_meta(out_dir, vocab, vocab_size, train_tokens, val_tokens):
+    meta = {'vocab': vocab, 'vocab_size': vocab_size, 'train_tokens': train_tokens, 'val_tokens': val_tokens}
     with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
         json.dump(meta, f, indent=1)
-    print(f"vocab_size {vocab_size:,}; train has {len(train_ids):,} tokens, val {len(val_ids):,}; written to {out_dir}")
+    print(f"vocab_size {vocab_size:,}; train has {train_tokens:,} tokens, val {val_tokens:,}; written to {out_dir}")
 
 
 def split_and_write(text, vocab, out_dir, val_fraction=0.1):

@@ -10,6 +10,7 @@ sys.path.insert(0, REPO)  # tests import model, train, ... as the scripts do
 # ../shared/data beside the checkout (CI has it); NANOGPT_SHARED_DATA points elsewhere
 SHARED = os.environ.get('NANOGPT_SHARED_DATA', os.path.join(REPO, '..', 'shared', 'data'))
 SHAKESPEARE = os.path.join(SHARED, 'tinyshakespeare', 'input.txt')
+TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken')  # tiktoken's cached r50k_base file: GPT-2's BPE offline
 
 
 def run_script(*args, env=None, timeout=300):
@@ -26,15 +27,37 @@ def shakespeare_text():
         return f.read()
 
 
+def prepare_shakespeare(dataset, out):
+    """Run data/<dataset>/prepare.py on a copy of the real corpus in the folder `out`."""
+    src = out / 'input.txt'
+    shutil.copy(SHAKESPEARE, src)  # the shared folder is read-only: work on a copy
+    r = run_script(f'data/{dataset}/prepare.py', '--input', str(src), '--out_dir', str(out))
+    assert r.returncode == 0, r.stderr
+    return str(out)
+
+
 @pytest.fixture(scope='session')
 def char_data(tmp_path_factory, shakespeare_text):
     """data/shakespeare_char prepared from the real corpus into a temporary folder."""
-    out = tmp_path_factory.mktemp('shakespeare_char')
-    src = out / 'input.txt'
-    shutil.copy(SHAKESPEARE, src)  # the shared folder is read-only: work on a copy
-    r = run_script('data/shakespeare_char/prepare.py', '--input', str(src), '--out_dir', str(out))
-    assert r.returncode == 0, r.stderr
-    return str(out)
+    return prepare_shakespeare('shakespeare_char', tmp_path_factory.mktemp('shakespeare_char'))
+
+
+@pytest.fixture(scope='session')
+def gpt2_bpe():
+    """GPT-2's BPE from the shared offline tiktoken cache; TIKTOKEN_CACHE_DIR stays set for the session,
+    so the scripts the tests run find it too."""
+    if not os.path.isdir(TIKTOKEN_CACHE):
+        pytest.skip(f"no tiktoken cache at {TIKTOKEN_CACHE} (set NANOGPT_SHARED_DATA)")
+    from tokenizer import GPT2_VOCAB, Tokenizer
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
+        yield Tokenizer(GPT2_VOCAB)
+
+
+@pytest.fixture(scope='session')
+def bpe_data(tmp_path_factory, shakespeare_text, gpt2_bpe):
+    """data/shakespeare (GPT-2 BPE) prepared from the real corpus into a temporary folder."""
+    return prepare_shakespeare('shakespeare', tmp_path_factory.mktemp('shakespeare'))
 
 
 def tiny_train_config(out_dir, data_dir, **overrides):

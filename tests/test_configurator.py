@@ -1,11 +1,13 @@
 """Config: defaults < config file < --key=value flags, with strict keys and types."""
 
+import glob
+import os
 from dataclasses import dataclass
 
 import pytest
 
 from configurator import UserError, load_config, resolve_compile, resolve_device, resolve_dtype
-from conftest import run_script
+from conftest import REPO, run_script
 
 
 @dataclass
@@ -87,6 +89,25 @@ def test_shipped_configs_load():
     assert cfg.dropout == 0.2 and cfg.max_iters == 5000 and cfg.compile is False
     cfg = load_config(TrainConfig, ['config/train_shakespeare_char_cpu.py'])
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.max_iters) == (4, 4, 128, 64, 12, 2000)
+
+
+def test_every_shipped_config_loads_and_passes_the_checks():
+    from model import GPT2_NAMES
+    from train import TrainConfig, check_config
+    paths = sorted(glob.glob(os.path.join(REPO, 'config', '*.py')))
+    assert len(paths) == 8
+    for path in paths:
+        check_config(load_config(TrainConfig, [path]))
+    cfg = load_config(TrainConfig, [os.path.join(REPO, 'config', 'train_gpt2.py')])
+    assert cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps == 491_520  # ~0.5M tokens per step
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.max_iters, cfg.lr_decay_iters) == (12, 12, 768, 600000, 600000)
+    assert (cfg.learning_rate, cfg.min_lr, cfg.weight_decay, cfg.beta1, cfg.beta2) == (6e-4, 6e-5, 0.1, 0.9, 0.95)
+    for name in GPT2_NAMES:
+        cfg = load_config(TrainConfig, [os.path.join(REPO, 'config', f"eval_{name.replace('-', '_')}.py")])
+        assert cfg.init_from == name and cfg.eval_only and cfg.dataset == 'openwebtext' and not cfg.wandb_log
+    cfg = load_config(TrainConfig, [os.path.join(REPO, 'config', 'finetune_shakespeare.py')])
+    assert cfg.init_from in GPT2_NAMES and cfg.dataset == 'shakespeare' and not cfg.decay_lr
+    assert cfg.learning_rate < 1e-4 and not cfg.always_save_checkpoint
 
 
 def test_device_dtype_compile_resolution():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_script
-from tokenizer import Tokenizer, char_vocab
+from tokenizer import GPT2_VOCAB, Tokenizer, char_vocab
 from train import batch_seed, get_batch
 
 
@@ -77,3 +77,47 @@ def test_batches_depend_only_on_the_seed_and_rows_slice_the_same_batch():
     other, _ = get_batch(data, 16, 8, batch_seed(1337, 'train', 43))
     assert not torch.equal(other, x1)
     assert len({batch_seed(1, s, i) for s in ('train', 'val', 'eval_train', 'eval_val') for i in range(3)}) == 12
+
+
+def test_bpe_prepare_gives_the_reference_token_counts_and_decodes_back(bpe_data, shakespeare_text, gpt2_bpe):
+    meta, ids = read_bins(bpe_data)
+    assert meta['vocab'] == GPT2_VOCAB and meta['vocab_size'] == 50257
+    assert (len(ids['train']), len(ids['val'])) == (301_966, 36_059)  # the reference's counts
+    assert (meta['train_tokens'], meta['val_tokens']) == (301_966, 36_059)
+    assert gpt2_bpe.decode(ids['train'].tolist()) + gpt2_bpe.decode(ids['val'].tolist()) == shakespeare_text
+    assert gpt2_bpe.encode('Hello world') == [15496, 995]  # GPT-2's ids (r50k_base is GPT-2's BPE)
+
+
+def test_openwebtext_prepare_on_a_local_corpus(tmp_path, gpt2_bpe):
+    docs = [f"Document {i}: {'some words ' * i}\n" for i in range(8)]
+    docs += ['no trailing newline, non-ASCII: café ✓', 'a literal <|endoftext|> is text, not a boundary\n\n']
+    corpus = tmp_path / 'corpus'
+    corpus.mkdir()
+    for i, doc in enumerate(docs):
+        (corpus / f'{i:02d}.txt').write_text(doc, encoding='utf-8')
+    r = run_script('data/openwebtext/prepare.py', '--input', str(corpus), '--out_dir', str(tmp_path / 'out'),
+                   '--num_proc=2', '--val_fraction=0.2',
+                   env={'HF_DATASETS_CACHE': str(tmp_path / 'cache'), 'HF_HUB_OFFLINE': '1'})
+    assert r.returncode == 0, r.stderr
+    meta, ids = read_bins(tmp_path / 'out')
+    assert meta['vocab'] == GPT2_VOCAB and meta['train_tokens'] == len(ids['train'])
+    eot = gpt2_bpe.eot_token
+    found = {}
+    for split in ('train', 'val'):
+        assert ids[split][-1] == eot  # every document, the last one too, is followed by <|endoftext|>
+        ends = np.flatnonzero(ids[split] == eot)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        found[split] = [gpt2_bpe.decode(ids[split][s:e].tolist()) for s, e in zip(starts, ends)]
+    assert len(found['val']) == 2  # ceil(0.2 * 10) documents held out
+    assert sorted(found['train'] + found['val']) == sorted(docs)  # each document once, byte for byte
+
+
+def test_openwebtext_reads_a_dataset_saved_with_save_to_disk(tmp_path, monkeypatch):
+    from datasets import Dataset, DatasetDict
+    from data.openwebtext.prepare import load_corpus
+    monkeypatch.setenv('HF_DATASETS_CACHE', str(tmp_path / 'cache'))
+    docs = [f'document {i}' for i in range(5)]
+    Dataset.from_dict({'text': docs, 'url': ['u'] * 5}).save_to_disk(str(tmp_path / 'ds'))
+    DatasetDict({'train': Dataset.from_dict({'text': docs})}).save_to_disk(str(tmp_path / 'dsd'))
+    assert list(load_corpus(str(tmp_path / 'ds'), num_proc=1)['text']) == docs
+    assert list(load_corpus(str(tmp_path / 'dsd'), num_proc=1)['text']) == docs

@@ -19,10 +19,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import UserError, cli  # noqa: E402
 from data.common import read_text, split_and_write  # noqa: E402
-from tokenizer import char_vocab  # noqa: E402
+from tokenizer import GPT2_VOCAB, char_vocab  # noqa: E402
 
 DATA = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GPT2_VOCAB = {'kind': 'tiktoken', 'encoding': 'r50k_base'}  # r50k_base is GPT-2's BPE, id for id
 
 
 def read_documents(path):

@@ -1,0 +1,9 @@
+# Val loss of OpenAI's gpt2 (124M: 12 layers, 12 heads, 768 wide) on OpenWebText, without training.
+# python data/openwebtext/prepare.py && python train.py config/eval_gpt2.py
+
+init_from = 'gpt2'
+dataset = 'openwebtext'
+eval_only = True
+batch_size = 8
+eval_iters = 500  # 500 x 8 x 1024 = 4.1M tokens per split, for a low-noise estimate
+wandb_log = False
