@@ -1,7 +1,6 @@
 """Training you can trust: exact resume, crash-safe checkpoints, graceful stop, non-finite losses, safe
 loading. The comment at the top of each test says how the classic nanoGPT fails it."""
 
-import io
 import os
 import re
 import signal
