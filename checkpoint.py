@@ -7,9 +7,15 @@ cannot run code hidden in a file someone sent you):
     config (the full run config), iter_num (steps done), best_val_loss, vocab (a tokenizer spec),
     rng (every random state the run's future depends on).
 
-In out_dir, ckpt.pt is the latest state (what init_from='resume' continues) and best.pt the one with
-the lowest val loss so far (what sample.py reads). Both are only ever replaced whole: written to a
-temporary file, fsynced, then renamed over the old one, so a crash leaves the old or the new file.
+In out_dir:
+    ckpt.pt       the latest state: what init_from='resume' continues
+    ckpt_prev.pt  the ckpt.pt before it, to step back to if the latest went bad
+    best.pt       the one with the lowest val loss so far: what sample.py reads; only a better one replaces it
+Names are only ever replaced whole. A new checkpoint is written to ckpt.pt.tmp and fsynced, and only
+then do the names move (hard links and renames, each atomic): at every moment, a crash or SIGKILL
+included, ckpt.pt is a complete checkpoint, the new one or the one before. A leftover *.tmp is an
+unfinished save: nothing reads it, and the next save removes it. Hard links mean no copies: the three
+names hold at most three distinct files (plus the one being written).
 """
 
 import os
@@ -34,32 +40,51 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def atomic_save(obj, path):
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
+def _write_synced(obj, path):
+    with open(path, 'wb') as f:
         torch.save(obj, f)
         f.flush()
-        os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.fsync(f.fileno())  # the bytes are on disk before any name points at them
+
+
+def atomic_save(obj, path):
+    """torch.save to path through path.tmp: the file at path is the old one or the complete new one."""
+    tmp = path + '.tmp'
+    _write_synced(obj, tmp)
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def _link_over(src, dst):
+    """Make dst name the same file as src, atomically: dst is the old file or src, never partial."""
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        return  # already done (before a crash); renaming one link of a file over another would do nothing
+    tmp = dst + '.tmp'
+    try:
+        os.link(src, tmp)  # a hard link: no second copy on disk
+    except OSError:  # file systems without hard links
+        shutil.copyfile(src, tmp)
+        with open(tmp, 'rb+') as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
 def save_checkpoint(ckpt, out_dir, is_best):
-    """Write ckpt.pt, and when is_best also make best.pt the same file (a hard link: no second copy
-    on disk; a later ckpt.pt is a new file, so best.pt keeps its bytes)."""
+    """Write ckpt.pt, keep the one it replaces as ckpt_prev.pt, and when is_best make best.pt the
+    same file. best.pt changes only here, so only a model the caller found better replaces it."""
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, 'ckpt.pt')
-    atomic_save(ckpt, path)
+    path, prev, best = (os.path.join(out_dir, name) for name in ('ckpt.pt', 'ckpt_prev.pt', 'best.pt'))
+    tmp = path + '.tmp'
+    for stale in (tmp, prev + '.tmp', best + '.tmp'):  # what a crash in an earlier save left behind
+        if os.path.exists(stale):
+            os.remove(stale)  # (so that writing never goes into a file that another name shares)
+    _write_synced(ckpt, tmp)  # all the slow writing happens here, before any name moves
+    if os.path.exists(path):
+        _link_over(path, prev)  # for a moment ckpt_prev.pt and ckpt.pt are the same file: both loadable
+    os.replace(tmp, path)
     if is_best:
-        best, tmp = os.path.join(out_dir, 'best.pt'), os.path.join(out_dir, 'best.pt.tmp')
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        try:
-            os.link(path, tmp)
-        except OSError:  # file systems without hard links
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, best)
-        _fsync_dir(out_dir)
+        _link_over(path, best)
+    _fsync_dir(out_dir)
 
 
 def load_checkpoint(path, device='cpu'):
@@ -69,8 +94,9 @@ def load_checkpoint(path, device='cpu'):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        "it is corrupt or not a nanogpt checkpoint: use another one, e.g. best.pt or ckpt.pt") from None
+        reason = f"{type(e).__name__}: {e}".split('\n')[0][:200]  # (an empty file's error has no message)
+        raise UserError(f"checkpoint {path} cannot be read ({reason}); it is corrupt or not a nanogpt "
+                        "checkpoint: use another one, e.g. ckpt_prev.pt or best.pt beside it") from None
     if not isinstance(ckpt, dict) or ckpt.get('format_version') != FORMAT_VERSION:
         raise UserError(f"{path} is not a nanogpt checkpoint of format version {FORMAT_VERSION}")
     return ckpt

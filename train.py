@@ -10,13 +10,25 @@ Several nodes (run on each, with its --node_rank):
     torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=1234 train.py ...
 Finetune OpenAI's GPT-2 (init_from='gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local HF folder):
     python data/shakespeare/prepare.py && python train.py config/finetune_shakespeare.py
+Continue a run from out_dir/ckpt.pt, exactly as if it had never stopped: the same command plus
+    --init_from=resume
+
+Stopping: SIGINT (Ctrl-C) or SIGTERM (what schedulers send before they preempt a job) lets the
+current step finish, saves ckpt.pt (not best.pt: there is no evaluation on the way out, so it may be
+short) and exits with status 128 + the signal's number (130, 143), the status of a process the signal
+killed: a scheduler or a shell `&&` chain sees a run that did not finish, where 0 would tell them it
+did. A second signal acts as usual (quits at once). A loss that is not finite (nan, inf) stops the run
+at once, without saving, with status 2: the last checkpoint is the last good model.
 """
 
 import json
 import math
 import os
 import random
+import signal
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -170,13 +182,16 @@ def open_metrics(out_dir, start_iter):
     to the step it resumes from and drops later ones, which it is about to redo."""
     path = os.path.join(out_dir, 'metrics.jsonl')
     os.makedirs(out_dir, exist_ok=True)
-    rows = []
-    if start_iter > 0 and os.path.isfile(path):
+    if start_iter == 0:
+        return open(path, 'w')  # a new run, a new log
+    if os.path.isfile(path):
         with open(path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)['iter'] <= start_iter]
-    with open(path + '.tmp', 'w') as f:
-        f.writelines(rows)
-    os.replace(path + '.tmp', path)
+            lines = [line for line in f if line.strip()]
+        keep = [line for line in lines if json.loads(line)['iter'] <= start_iter]
+        if len(keep) < len(lines):
+            with open(path + '.tmp', 'w') as f:
+                f.writelines(keep)
+            os.replace(path + '.tmp', path)
     return open(path, 'a')
 
 
@@ -206,13 +221,51 @@ def set_rng_state(state):
 
 
 # ----------------------------------------------------------------------------------------------------
+# stopping early: on a signal, or when the loss is no longer a number
+
+@contextmanager
+def stop_signals():
+    """While inside, a first SIGINT or SIGTERM no longer kills the process: its number is put in the
+    yielded dict, for the loop to stop after the current step. A second one acts as it did before
+    (Ctrl-C twice quits at once). The previous handlers are restored on the way out."""
+    received = {'signal': 0}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        received['signal'] = signum
+        signal.signal(signum, previous[signum])
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def step_verdict(loss_sum, signum, world_size):
+    """(finite, signum) after a step, the same on every process: whether the loss was finite on all of
+    them, and the stop signal any of them received (0: none). One device-to-host sync per step; under
+    DDP also an all-reduce of two numbers, so that all processes stop at the same step."""
+    flags = torch.stack([loss_sum.isfinite().logical_not().float(),
+                         torch.tensor(float(signum), device=loss_sum.device)])
+    if world_size > 1:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    not_finite, signum = flags.tolist()
+    return not not_finite, int(signum)
+
+
+# ----------------------------------------------------------------------------------------------------
 
 def check_config(cfg):
     for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size',
                 'block_size', 'n_layer', 'n_head', 'n_embd'):
         if getattr(cfg, key) <= 0:
             raise UserError(f"{key} must be positive, got {getattr(cfg, key)}")
-    for key in ('max_iters', 'warmup_iters', 'lr_decay_iters'):
+    if cfg.max_iters <= 0 and not cfg.eval_only:
+        raise UserError(f"max_iters must be positive, got {cfg.max_iters} (to evaluate only, use --eval_only=True)")
+    for key in ('warmup_iters', 'lr_decay_iters', 'grad_clip'):
         if getattr(cfg, key) < 0:
             raise UserError(f"{key} must be zero or more, got {getattr(cfg, key)}")
     if cfg.n_embd % cfg.n_head:
@@ -246,13 +299,14 @@ def main(cfg):
         device = resolve_device(cfg.device)
     master = rank == 0
     try:
-        return train(cfg, device, rank, world_size, master)
+        with stop_signals() as received:  # SIGINT, SIGTERM: stop after the current step (see the docstring)
+            return train(cfg, device, rank, world_size, master, received)
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
-def train(cfg, device, rank, world_size, master):
+def train(cfg, device, rank, world_size, master, received):
     t_launch = time.perf_counter()
     if master:
         print_config(cfg)
@@ -285,17 +339,23 @@ def train(cfg, device, rank, world_size, master):
     elif cfg.init_from == 'resume':
         ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
         ckpt = load_checkpoint(ckpt_path, device='cpu')
+        if ckpt['vocab'] != vocab:
+            raise UserError(f"{ckpt_path} was trained with another vocabulary than dataset '{cfg.dataset}': "
+                            f"resume with --dataset={ckpt['config']['dataset']!r} (or its data_dir)")
         # Compare with the run config the checkpoint was trained with, not its model_args: a run started
         # from GPT-2 took its shape from the pretrained model, whatever n_layer etc. it was given.
         for key in MODEL_KEYS[:-1]:
-            if ckpt['config'][key] != model_args[key]:
-                raise UserError(f"{ckpt_path} has {key}={ckpt['config'][key]!r} but this run asks for "
-                                f"{model_args[key]!r}: resume with the checkpoint's settings")
-        if ckpt['vocab'] != vocab:
-            raise UserError(f"{ckpt_path} was trained with another vocabulary than dataset '{cfg.dataset}'")
+            trained, asked = ckpt['config'][key], model_args[key]
+            if trained != asked:
+                why = f" (it learned positions for {trained} tokens only)" if key == 'block_size' else ''
+                raise UserError(f"{ckpt_path} has {key}={trained!r} but this run asks for {asked!r}{why}: "
+                                f"resume with --{key}={trained!r}")
         model = model_from_checkpoint(ckpt, dropout=cfg.dropout)
         model_args = asdict(model.config)  # the checkpoint's shape, which may be GPT-2's
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+        if iter_num >= cfg.max_iters and not cfg.eval_only:
+            raise UserError(f"{ckpt_path} is at iter {iter_num}, max_iters is {cfg.max_iters}: nothing to train; "
+                            "raise --max_iters (or evaluate it with --eval_only=True)")
         if master:
             print(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
     else:
@@ -373,10 +433,13 @@ def train(cfg, device, rank, world_size, master):
     start_iter = iter_num
     X, Y = batch(iter_num, 0)  # the first batch; later ones are fetched while the device computes
     t_log, iters_logged, mfu, dt_avg = time.perf_counter(), 0, -1.0, None
+    losses = {}  # of the last evaluation
+    stop_signal = 0  # a SIGINT/SIGTERM that some process received by the end of the last step
     while True:
         # Evaluate (and save) every eval_interval steps and always after the last step. A resumed
         # run skips its first evaluation: the checkpoint it came from was just evaluated.
         last = iter_num >= cfg.max_iters
+        saved = False
         resumed_here = cfg.init_from == 'resume' and iter_num == start_iter
         if last or cfg.eval_only or (iter_num % cfg.eval_interval == 0 and not resumed_here):
             losses = estimate_loss(model, splits, cfg, device, ctx)
@@ -391,8 +454,17 @@ def train(cfg, device, rank, world_size, master):
                 if master:
                     checkpoint(is_best)
                     print(f"saved checkpoint to {cfg.out_dir}" + (" (new best)" if is_best else ""))
+                saved = True
             t_log = time.perf_counter()  # evaluation time doesn't count as training time
         if last or cfg.eval_only:
+            break
+        if stop_signal:  # a graceful stop: ckpt.pt gets this step (best.pt moves only at evaluations)
+            if master:
+                if not saved:
+                    checkpoint(is_best=False)
+                print(f"stopped by {signal.Signals(stop_signal).name} at iter {iter_num}, saved to "
+                      f"{os.path.join(cfg.out_dir, 'ckpt.pt')}; to continue, run the same command with "
+                      "--init_from=resume", flush=True)
             break
 
         lr = get_lr(iter_num, cfg)
@@ -420,6 +492,14 @@ def train(cfg, device, rank, world_size, master):
         optimizer.zero_grad(set_to_none=True)  # frees the gradients' memory until the next backward
         iter_num += 1
         iters_logged += 1
+        # Before this step's weights can reach a checkpoint: was its loss finite, was a stop asked for?
+        finite, stop_signal = step_verdict(loss_sum, received['signal'], world_size)
+        if not finite:
+            # Stop, not skip: a non-finite loss means the learning rate, the data or the precision is
+            # wrong, and the weights and AdamW's moments have already taken the nan/inf in.
+            raise UserError(f"the loss is not finite at iter {iter_num} (lr {lr:.2e}): the run diverged and "
+                            f"stopped without saving, so {os.path.join(cfg.out_dir, 'ckpt.pt')} (if any) is "
+                            "the last good state: lower --learning_rate, then resume or restart")
 
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
             if world_size > 1:
@@ -441,8 +521,10 @@ def train(cfg, device, rank, world_size, master):
         metrics.close()
     if wandb:
         wandb.finish()
-    return {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'losses': losses}
+    return {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'losses': losses,
+            'stop_signal': 0 if last else stop_signal}
 
 
 if __name__ == '__main__':
-    cli(main, TrainConfig)
+    result = cli(main, TrainConfig)
+    sys.exit(128 + result['stop_signal'] if result['stop_signal'] else 0)  # why 128+: see the docstring

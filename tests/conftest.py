@@ -70,3 +70,15 @@ def tiny_train_config(out_dir, data_dir, **overrides):
                 log_interval=10, beta2=0.99)
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def dir_snapshot(path):
+    """Every file under path with its bytes and modification time: equal snapshots mean nothing
+    was written, replaced, added or removed."""
+    snap = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            p = os.path.join(root, name)
+            with open(p, 'rb') as f:
+                snap[os.path.relpath(p, path)] = (f.read(), os.stat(p).st_mtime_ns)
+    return snap

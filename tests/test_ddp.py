@@ -36,7 +36,7 @@ def test_two_processes_learn_like_one_and_resume_on_one(tmp_path, char_data):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count('2 process(es)') == 1  # only rank 0 prints
     assert r.stdout.count('saved checkpoint') == 2  # steps 5 and 10, written once each
-    assert sorted(os.listdir(tmp_path / 'two')) == ['best.pt', 'ckpt.pt', 'metrics.jsonl']
+    assert sorted(os.listdir(tmp_path / 'two')) == ['best.pt', 'ckpt.pt', 'ckpt_prev.pt', 'metrics.jsonl']
     steps = [line for line in r.stdout.splitlines() if line.startswith('step ')]
     first, last = (float(s.split('val loss ')[1].split(',')[0]) for s in (steps[0], steps[-1]))
     assert last < first - 0.3  # the loss falls (4.17 -> ~3.74 in 10 steps)
