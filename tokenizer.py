@@ -51,3 +51,19 @@ class Tokenizer:
         if self.spec['kind'] == 'char':
             return ''.join(self.chars[i] for i in ids)
         return self.enc.decode(list(ids))
+
+    def text_sizes(self):
+        """The UTF-8 bytes and the characters of text that each token id stands for: two lists indexed
+        by id. Summed over a token sequence they give the exact size of its text, even where a BPE token
+        holds only part of a multi-byte character: a character is counted in the token holding its
+        first byte (every UTF-8 byte but a continuation byte 0b10xxxxxx starts a character). Special
+        tokens such as <|endoftext|> separate documents and stand for no text: 0 and 0."""
+        if self.spec['kind'] == 'char':
+            return [len(c.encode('utf-8')) for c in self.chars], [1] * self.vocab_size
+        special = {self.enc.encode_single_token(s) for s in self.enc.special_tokens_set}
+        n_bytes, n_chars = [], []
+        for i in range(self.vocab_size):
+            b = b'' if i in special else self.enc.decode_single_token_bytes(i)
+            n_bytes.append(len(b))
+            n_chars.append(sum((byte & 0xC0) != 0x80 for byte in b))
+        return n_bytes, n_chars

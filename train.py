@@ -147,6 +147,12 @@ def get_batch(data, block_size, batch_size, seed, rows=None, device='cpu'):
     offsets = torch.randint(len(data) - block_size, (batch_size,), generator=g).tolist()
     if rows is not None:
         offsets = offsets[rows]
+    return get_windows(data, offsets, block_size, device)
+
+
+def get_windows(data, offsets, block_size, device='cpu'):
+    """Inputs x and targets y (len(offsets), block_size) of the windows of `data` starting at `offsets`
+    (random ones in training, evaluation's sliding ones in eval.py)."""
     w = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in offsets]).astype(np.int64))
     x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()  # y is x shifted by one: each position predicts the next
     if device.startswith('cuda'):

@@ -156,3 +156,17 @@ def test_export_script_writes_a_folder_transformers_loads(finetuned, tmp_path):
     hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
     assert (our_logits(model, idx) - hf_logits(hf, idx)).abs().max().item() < 1e-4
+
+
+def test_eval_of_a_gpt2_folder_matches_the_loss_transformers_computes(hf_gpt2, bpe_data, tmp_path):
+    import numpy as np
+    from eval import EvalConfig
+    from eval import main as evaluate
+    folder, hf = hf_gpt2
+    result = evaluate(EvalConfig(init_from=folder, dataset='shakespeare', data_dir=bpe_data, out_dir=str(tmp_path),
+                                 max_tokens=65, bleu_samples=0, device='cpu'))
+    ids = torch.from_numpy(np.fromfile(os.path.join(bpe_data, 'val.bin'), dtype=np.uint16)[:65].astype(np.int64))
+    logits = hf_logits(hf, ids[None, :64])[0]
+    expected = torch.nn.functional.cross_entropy(logits, ids[1:]).item()  # one window: 64 tokens scored
+    assert result['scored_tokens'] == 64 and abs(result['loss'] - expected) < 1e-4
+    assert os.path.isfile(tmp_path / f'eval_{os.path.basename(folder)}_val.json')
