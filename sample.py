@@ -30,7 +30,7 @@ class SampleConfig:
     max_new_tokens: int = 500  # tokens generated per sample
     temperature: float = 0.8  # 1.0 samples the model's distribution, lower is more conservative, 0 is greedy
     top_k: int | None = 200  # sample only among the k most likely tokens; None for all
-    top_p: float | None = None  # sample only among the most likely tokens that hold this much probability; None for all
+    top_p: float | None = None  # sample only among the most likely tokens holding this much probability
     stop: str = ''  # end a sample at the first occurrence of this text after the prompt (kept in the sample)
     use_cache: bool = True  # False re-runs the whole context for every token (the classic loop, ~10x slower)
     keep: int | None = None  # tokens of context the cache keeps when it fills up; None: block_size // 2

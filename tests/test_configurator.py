@@ -107,7 +107,8 @@ def test_sampling_dtype_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
     assert resolve_sample_dtype('auto', 'cpu') == 'bfloat16'
     monkeypatch.setattr(configurator, 'cpu_has_native_bf16', lambda: False)
     assert resolve_sample_dtype('auto', 'cpu') == 'float32'
-    assert resolve_sample_dtype('bfloat16', 'cpu') == 'bfloat16' and resolve_sample_dtype('float32', 'cpu') == 'float32'
+    assert resolve_sample_dtype('bfloat16', 'cpu') == 'bfloat16'
+    assert resolve_sample_dtype('float32', 'cpu') == 'float32'
     with pytest.raises(UserError, match='float16 needs CUDA'):
         resolve_sample_dtype('float16', 'cpu')
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import sample as sample_module
+from bench_sample import BenchSampleConfig
+from bench_sample import main as bench_sample
 from checkpoint import FORMAT_VERSION
 from configurator import UserError
 from conftest import SHARED, run_script, tiny_train_config
@@ -92,7 +94,8 @@ def test_streamed_bpe_text_waits_for_whole_characters(tmp_path, monkeypatch, cap
                        top_k=None, device='cpu', seed=5)
     # the same draw as sample.py's: some prefix of it ends inside a character (else this test tests nothing)
     tok = Tokenizer({'kind': 'tiktoken', 'encoding': 'r50k_base'})
-    ids = model.generate(torch.tensor([tok.encode('Hello')]), 60, temperature=1.0, generator=[torch.Generator().manual_seed(5)])
+    ids = model.generate(torch.tensor([tok.encode('Hello')]), 60, temperature=1.0,
+                         generator=[torch.Generator().manual_seed(5)])
     assert any(tok.decode(ids[0, :n].tolist()).endswith('\ufffd') for n in range(2, 62))
     s = sample(cfg)[0]
     out = capsys.readouterr().out
@@ -120,3 +123,13 @@ def test_with_and_without_the_cache_the_same_text_within_block_size(trained):
     out_dir, _ = trained  # block_size 32: a 6-character prompt and 26 new ones
     kw = dict(out_dir=out_dir, start='ROMEO:', num_samples=2, max_new_tokens=26, device='cpu')
     assert sample(SampleConfig(**kw)) == sample(SampleConfig(**kw, use_cache=False))
+
+
+def test_bf16_barely_changes_the_val_loss_and_greedy_text(trained, char_data):
+    out_dir, _ = trained
+    loss, same = bench_sample(BenchSampleConfig(mode='bf16', out_dir=out_dir, data_dir=char_data, eval_iters=2,
+                                                n_prompts=8, greedy_prompt_len=8, greedy_tokens=20, device='cpu'))
+    assert abs(loss['bfloat16'] - loss['float32']) < 0.01 and loss['float32'] < 4.0  # trained: below ln(65)
+    assert same.shape == (8,) and (same == 20).sum() >= 4  # most continuations agree for all 20 tokens
+    with pytest.raises(UserError, match="use_cache must be"):
+        bench_sample(BenchSampleConfig(out_dir=out_dir, use_cache='maybe', device='cpu'))
