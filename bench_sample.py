@@ -52,6 +52,7 @@ class BenchSampleConfig:
     greedy_tokens: int = 50  # tokens per continuation that must agree
     seed: int = 1337
     device: str = 'auto'
+    threads: int = 0  # CPU threads for PyTorch; 0 keeps its default (one per core)
 
 
 def path_name(use_cache, dtype):
@@ -130,6 +131,8 @@ def main(cfg):
     if cfg.mode not in ('speed', 'bf16'):
         raise UserError(f"mode must be 'speed' or 'bf16', got {cfg.mode!r}")
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # on a shared machine, fewer threads than cores wait less for each other
     torch.manual_seed(cfg.seed)
     if cfg.out_dir:
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt))

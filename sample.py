@@ -3,7 +3,7 @@ Sample text from a trained model. Needs nothing but the checkpoint (it carries i
 
     python sample.py --out_dir=out-shakespeare-char --num_samples=1      # streams the text as it comes
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
-    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --stop="\n\n" --device=cpu
+    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --stop=JULIET: --device=cpu
 
 One sample is printed as it is generated; several are generated together as one batch and printed at
 the end. Sample i is drawn from its own random generator, seeded with seed + i, so it is the same text
@@ -89,9 +89,10 @@ def main(cfg):
     if streaming:
         print(start, end='', flush=True)
     t0 = time.perf_counter()
-    # Under autocast the weights are cast to bf16 once for the whole `with` block (autocast caches the
-    # casts), so this runs as fast as a model cast to bf16 (measured equal on CPU), while LayerNorm,
-    # softmax and the residual stream stay in fp32.
+    # bf16 by autocast rather than model.to(torch.bfloat16): autocast caches each weight's bf16 copy for
+    # the whole `with` block, so the weights are cast once, not at every token (measured on CPU for the
+    # 6x384 model: 4.6 ms per decode step, against 4.4 for bf16 weights and 5.9 in fp32), while
+    # LayerNorm, softmax and the residual stream stay in fp32.
     with torch.no_grad(), autocast_context(device, dtype):
         for step in model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                                           use_cache=cfg.use_cache, keep=cfg.keep, generator=generators):
