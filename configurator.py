@@ -153,6 +153,33 @@ def resolve_dtype(dtype, device):
     return dtype
 
 
+def cpu_has_native_bf16(cpuinfo='/proc/cpuinfo'):
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX, read from the flags in Linux's
+    /proc/cpuinfo; False elsewhere). Without it a bf16 matmul converts to fp32 as it goes."""
+    import torch
+    if torch.backends.cpu.get_cpu_capability() != 'AVX512':  # the kernels PyTorch picked for this CPU
+        return False
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+    except OSError:
+        return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
+def resolve_sample_dtype(dtype, device):
+    """dtype for generation. 'auto': bf16 on CUDA that supports it and on CPUs with native bf16, else
+    fp32. Decoding one token at a time is bound by reading the weights from memory, and bf16 halves
+    those bytes; training's 'auto' stays fp32 on the CPU. Other values as in resolve_dtype."""
+    import torch
+    if dtype != 'auto':
+        return resolve_dtype(dtype, device)
+    device_type = device.split(':')[0]
+    if device_type == 'cuda' and torch.cuda.is_bf16_supported() or device_type == 'cpu' and cpu_has_native_bf16():
+        return 'bfloat16'
+    return 'float32'
+
+
 def resolve_compile(compile, device):
     """'auto' compiles on CUDA only: on CPU and mps compiling costs more time than it saves
     for the small models trained there."""

@@ -46,16 +46,24 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
 
-    def forward(self, x):
+    def forward(self, x, kv=None):
         B, T, C = x.size()  # batch, sequence length, n_embd
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        # softmax(q k^T / sqrt(hs)) v with a causal mask (Vaswani et al. eq. 1); flash kernels on CUDA
+        if kv is not None:
+            # generation: this layer's slice of a KVCache, holding t0 earlier positions. Write the new
+            # keys/values in place after them, then attend to all t0 + T.
+            k_cache, v_cache, t0 = kv  # (B, nh, block_size, hs) each
+            k_cache[:, :, t0:t0 + T] = k
+            v_cache[:, :, t0:t0 + T] = v
+            k, v = k_cache[:, :, :t0 + T], v_cache[:, :, :t0 + T]  # (B, nh, t0 + T, hs)
+        # softmax(q k^T / sqrt(hs)) v (Vaswani et al. eq. 1); flash kernels on CUDA. Causal over T > 1
+        # positions (training, or a prefill into an empty cache); a single new query may see every key.
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=True)
+            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -83,8 +91,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, kv=None):
+        x = x + self.attn(self.ln_1(x), kv)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -105,6 +113,49 @@ class GPTConfig:
     n_embd: int = 768  # width of the residual stream
     dropout: float = 0.0  # on attention weights and residual branches; 0 for pretraining, ~0.1+ to finetune
     bias: bool = True  # biases in Linears and LayerNorms, as GPT-2; False is a bit better and faster
+
+
+class KVCache:
+    """The keys and values of every layer for the positions a generation has fed the model so far.
+    The buffers are allocated once at full length, so a decode step writes its one new position in
+    place instead of growing tensors (torch.cat would copy the whole cache at every token)."""
+
+    def __init__(self, model, batch_size):
+        cfg, w = model.config, model.lm_head.weight
+        # under autocast the keys/values come out in the autocast dtype, else in the weights' dtype
+        dtype = (torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type)
+                 else w.dtype)
+        shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)  # (B, nh, block_size, hs)
+        self.k = [torch.empty(shape, dtype=dtype, device=w.device) for _ in range(cfg.n_layer)]
+        self.v = [torch.empty(shape, dtype=dtype, device=w.device) for _ in range(cfg.n_layer)]
+        self.pos = 0  # positions filled: the next token fed goes to position pos
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from next-token logits (B, vocab_size) -> (B,).
+    temperature: divides the logits; 0 picks the most likely token (greedy).
+    top_k: sample only among the k most likely tokens.
+    top_p: sample only among the fewest most likely tokens whose probabilities add up to top_p or more
+    (nucleus sampling, Holtzman et al. 2019).
+    generator: a torch.Generator, or a list of one per row: row i then draws its random numbers from
+    generator[i] exactly as it would alone, so it samples what it would be sampled alone."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        v, _ = torch.topk(logits, top_k)
+        logits = logits.masked_fill(logits < v[:, [-1]], -float('inf'))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the more likely ones before it already hold top_p (the first is always kept)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))  # multinomial renormalises
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != probs.size(0):
+            raise ValueError(f"{len(generator)} generators for {probs.size(0)} rows: give one per row")
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 class GPT(nn.Module):
@@ -148,14 +199,21 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
+        """Logits (and the loss, given targets) of the tokens idx (B, T). With a KVCache, idx continues
+        the tokens it holds: T of them into an empty cache (a prefill), or one after them (a decode step)."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        t0 = 0 if cache is None else cache.pos  # positions continue after the cached ones
+        if t0 + T > self.config.block_size:
+            raise ValueError(f"sequence of length {t0 + T} is longer than block_size {self.config.block_size}")
+        if t0 and T > 1:  # the causal mask of T > 1 new queries would not be offset by t0
+            raise ValueError("only an empty KVCache takes several tokens at once")
+        pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else (cache.k[i], cache.v[i], t0))
+        if cache is not None:
+            cache.pos += T
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab_size)
@@ -163,7 +221,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         else:
             # generation only needs the next token: skip the head's matmul for all but the last position
-            logits = self.lm_head(x[:, [-1], :])  # (B, 1, vocab_size)
+            logits = self.lm_head(x[:, -1:, :])  # (B, 1, vocab_size)
             loss = None
         return logits, loss
 
@@ -199,23 +257,63 @@ class GPT(nn.Module):
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Sample max_new_tokens tokens after the prompt idx (B, T) and return (B, T + max_new_tokens).
-        Each step re-runs the model on the last block_size tokens. Call model.eval() first."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :] / max(temperature, 1e-8)  # (B, vocab_size)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('inf')
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)  # greedy
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop=None,
+                        use_cache=True, keep=None, generator=None):
+        """Yield the next token of every row of the prompt idx (B, T), a (B,) tensor per step, for up to
+        max_new_tokens steps. Call model.eval() first. Rows are sampled together as one batch.
+
+        temperature, top_k, top_p, generator: as in sample_next (a list of generators, one per row,
+        makes each row what sampling it alone with its generator gives).
+        stop: a token id or a list of ids. A row that samples one has ended: it repeats that token from
+        then on, and the stream ends once every row has ended.
+        use_cache=False: the classic loop, which re-runs the model over the last block_size tokens at
+        every step (an exact sliding window, at block_size times the work per token).
+        use_cache=True: a KVCache keeps the keys and values of the tokens seen so far; the prompt (its
+        last block_size tokens) goes through the model once (a prefill), then each step feeds only the
+        newest token (a decode step). The learned positions end at block_size, so a sliding window
+        would need a full recompute per token; instead, when the cache is full, the last `keep` tokens
+        of the text (default block_size // 2) are prefilled into an empty cache and decoding goes on.
+        Each token then sees between keep and block_size tokens of context, and one prefill of keep
+        tokens is spread over block_size - keep steps. keep=block_size is the exact sliding window
+        again (a prefill of block_size tokens per step, as without the cache).
+        """
+        B, T = idx.size()
+        block_size = self.config.block_size
+        keep = block_size // 2 if keep is None else keep
+        if not 1 <= keep <= block_size:
+            raise ValueError(f"keep must be between 1 and block_size {block_size}, got {keep}")
+        if stop is not None:
+            stop = torch.tensor([stop] if isinstance(stop, int) else list(stop), device=idx.device)
+            ended = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # prompt + new tokens
+        seq[:, :T] = idx
+        cache = KVCache(self, B) if use_cache else None
+        for n in range(T, T + max_new_tokens):  # n tokens so far; sample the one at index n
+            if cache is None:
+                logits, _ = self(seq[:, max(0, n - block_size):n])
+            elif cache.pos in (0, block_size):  # prefill the prompt, or refill a full cache
+                context = block_size if cache.pos == 0 else keep
+                cache.pos = 0
+                logits, _ = self(seq[:, max(0, n - context):n], cache=cache)
             else:
-                probs = F.softmax(logits.float(), dim=-1)
-                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+                logits, _ = self(seq[:, n - 1:n], cache=cache)  # only the newest token is new to the cache
+            idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+            if stop is not None:
+                idx_next = torch.where(ended, seq[:, n - 1], idx_next)  # an ended row repeats its stop token
+                ended |= torch.isin(idx_next, stop)
+            seq[:, n] = idx_next
+            yield idx_next
+            if stop is not None and ended.all():
+                return
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop=None,
+                 use_cache=True, keep=None, generator=None):
+        """The prompt idx (B, T) followed by up to max_new_tokens sampled tokens: (B, T + n), n fewer
+        than max_new_tokens only if every row sampled a stop token. The arguments are those of
+        generate_stream, which does the work."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, stop, use_cache,
+                                        keep, generator))
+        return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
 
     # ------------------------------------------------------------------------------------------------
     # OpenAI's GPT-2 weights in, Hugging Face GPT-2 folders out

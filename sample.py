@@ -2,10 +2,14 @@
 Sample text from a trained model. Needs nothing but the checkpoint (it carries its vocabulary), or
 OpenAI's GPT-2 itself.
 
-    python sample.py --out_dir=out-shakespeare-char
+    python sample.py --out_dir=out-shakespeare-char --num_samples=1      # streams the text as it comes
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
-    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --device=cpu
+    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --stop=JULIET: --device=cpu
+
+One sample is printed as it is generated; several are generated together as one batch and printed at
+the end. Sample i is drawn from its own random generator, seeded with seed + i, so it is the same text
+whatever num_samples is. The last line gives the speed in tokens/s.
 """
 
 import os
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import UserError, autocast_context, cli, resolve_compile, resolve_device, resolve_dtype
+from configurator import UserError, autocast_context, cli, resolve_compile, resolve_device, resolve_sample_dtype
 from model import GPT
 from tokenizer import GPT2_VOCAB, Tokenizer
 
@@ -26,14 +30,24 @@ class SampleConfig:
     out_dir: str = 'out'  # the training run's folder
     ckpt: str = 'best.pt'  # which checkpoint in out_dir: best.pt (lowest val loss) or ckpt.pt (latest)
     start: str = '\n'  # the prompt, or FILE:path to read it from a file
-    num_samples: int = 10
+    num_samples: int = 10  # 1 streams the text to the terminal; more are sampled as one batch
     max_new_tokens: int = 500  # tokens generated per sample
     temperature: float = 0.8  # 1.0 samples the model's distribution, lower is more conservative, 0 is greedy
     top_k: int | None = 200  # sample only among the k most likely tokens; None for all
-    seed: int = 1337
+    top_p: float | None = None  # sample only among the most likely tokens holding this much probability
+    stop: str = ''  # end a sample at the first occurrence of this text after the prompt (kept in the sample)
+    use_cache: bool = True  # False re-runs the whole context for every token (the classic loop, ~10x slower)
+    keep: int | None = None  # tokens of context the cache keeps when it fills up; None: block_size // 2
+    seed: int = 1337  # sample i draws from a generator seeded with seed + i
     device: str = 'auto'
-    dtype: str = 'auto'
+    dtype: str = 'auto'  # 'auto': bf16 on CUDA with bf16 and on CPUs with native bf16, else float32
     compile: bool | str = False  # compiling rarely pays for itself for one sampling run
+
+
+def cut_at_stop(text, stop):
+    """text up to and including the first occurrence of stop; all of it if stop is '' or absent."""
+    i = text.find(stop) if stop else -1
+    return text if i < 0 else text[:i + len(stop)]
 
 
 def main(cfg):
@@ -44,9 +58,10 @@ def main(cfg):
         raise UserError(f"temperature must be 0 or more, got {cfg.temperature}")
     if cfg.top_k is not None and cfg.top_k <= 0:
         raise UserError(f"top_k must be positive or None, got {cfg.top_k}")
+    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] or None, got {cfg.top_p}")
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    torch.manual_seed(cfg.seed)
+    dtype = resolve_sample_dtype(cfg.dtype, device)
 
     if cfg.init_from == 'resume':
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt))
@@ -56,6 +71,8 @@ def main(cfg):
     else:
         model = GPT.from_pretrained(cfg.init_from, dropout=0.0)
         tokenizer = Tokenizer(GPT2_VOCAB)
+    if cfg.keep is not None and not 1 <= cfg.keep <= model.config.block_size:
+        raise UserError(f"keep must be between 1 and block_size {model.config.block_size}, got {cfg.keep}")
     model.eval().to(device)
     if resolve_compile(cfg.compile, device):
         model = torch.compile(model)
@@ -70,18 +87,48 @@ def main(cfg):
     ids = tokenizer.encode(start)
     if not ids:
         raise UserError("the prompt is empty: give --start some text the model knows")
-    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
+    B = cfg.num_samples
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...].repeat(B, 1)  # (B, T): one row per sample
+    generators = [torch.Generator(device).manual_seed(cfg.seed + i) for i in range(B)]
 
-    samples = []
+    streaming = B == 1
+    new = [[] for _ in range(B)]  # the token ids sampled so far, per sample
+    printed = 0  # characters of the streamed sample already on the terminal
+    if streaming:
+        print(start, end='', flush=True)
     t0 = time.perf_counter()
+    # bf16 by autocast rather than model.to(torch.bfloat16): autocast caches each weight's bf16 copy for
+    # the whole `with` block, so the weights are cast once, not at every token (measured on CPU for the
+    # 6x384 model: 4.6 ms per decode step, against 4.4 for bf16 weights and 5.9 in fp32), while
+    # LayerNorm, softmax and the residual stream stay in fp32.
     with torch.no_grad(), autocast_context(device, dtype):
-        for _ in range(cfg.num_samples):
-            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k)
-            samples.append(tokenizer.decode(y[0].tolist()))
-            print(samples[-1])
-            print('---------------')
+        for step in model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                          use_cache=cfg.use_cache, keep=cfg.keep, generator=generators):
+            for row, token in zip(new, step.tolist()):
+                row.append(token)
+            if not (streaming or cfg.stop):
+                continue
+            # decode the whole sample so far: a BPE token may hold only part of a multi-byte character
+            texts = [cut_at_stop(tokenizer.decode(row), cfg.stop) for row in new]
+            if streaming:
+                shown = texts[0].rstrip('\ufffd')  # an unfinished character: print it once it is whole
+                print(shown[printed:], end='', flush=True)
+                printed = len(shown)
+            if cfg.stop and all(cfg.stop in text for text in texts):
+                break
     dt = time.perf_counter() - t0
-    print(f"{cfg.num_samples * cfg.max_new_tokens / dt:,.1f} tokens/s on {device} ({dtype})")
+    n_tokens = B * len(new[0])
+
+    samples = [start + cut_at_stop(tokenizer.decode(row), cfg.stop) for row in new]
+    if streaming:
+        print(samples[0][len(start) + printed:])
+        print('---------------')
+    else:
+        for s in samples:
+            print(s)
+            print('---------------')
+    print(f"{n_tokens} tokens in {dt:.2f} s: {n_tokens / dt:,.1f} tokens/s on {device} ({dtype}"
+          f"{', KV cache' if cfg.use_cache else ', no cache'})")
     return samples
 
 

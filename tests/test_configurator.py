@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from configurator import UserError, load_config, resolve_compile, resolve_device, resolve_dtype
+import configurator
+from configurator import (UserError, load_config, resolve_compile, resolve_device, resolve_dtype,
+                          resolve_sample_dtype)
 from conftest import REPO, run_script
 
 
@@ -119,3 +121,28 @@ def test_device_dtype_compile_resolution():
         resolve_dtype('float16', 'cpu')
     with pytest.raises(UserError, match='unknown device'):
         resolve_device('tpu')
+
+
+def test_sampling_dtype_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
+    monkeypatch.setattr(configurator, 'cpu_has_native_bf16', lambda: True)
+    assert resolve_sample_dtype('auto', 'cpu') == 'bfloat16'
+    monkeypatch.setattr(configurator, 'cpu_has_native_bf16', lambda: False)
+    assert resolve_sample_dtype('auto', 'cpu') == 'float32'
+    assert resolve_sample_dtype('bfloat16', 'cpu') == 'bfloat16'
+    assert resolve_sample_dtype('float32', 'cpu') == 'float32'
+    with pytest.raises(UserError, match='float16 needs CUDA'):
+        resolve_sample_dtype('float16', 'cpu')
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    import torch
+    cpuinfo = tmp_path / 'cpuinfo'
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512')
+    cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n')
+    assert configurator.cpu_has_native_bf16(cpuinfo) is True
+    cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu avx2 avx512f\n')
+    assert configurator.cpu_has_native_bf16(cpuinfo) is False
+    assert configurator.cpu_has_native_bf16(tmp_path / 'none') is False  # no /proc/cpuinfo: not Linux
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')  # PyTorch's kernels: no AVX-512
+    cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n')
+    assert configurator.cpu_has_native_bf16(cpuinfo) is False

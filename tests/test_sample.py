@@ -4,11 +4,18 @@ import os
 import shutil
 
 import pytest
+import torch
 
+import sample as sample_module
+from bench_sample import BenchSampleConfig
+from bench_sample import main as bench_sample
+from checkpoint import FORMAT_VERSION
 from configurator import UserError
-from conftest import run_script, tiny_train_config
+from conftest import SHARED, run_script, tiny_train_config
+from model import GPT, GPTConfig
 from sample import SampleConfig
 from sample import main as sample
+from tokenizer import Tokenizer
 from train import main as train
 
 
@@ -60,3 +67,69 @@ def test_sample_from_the_command_line(trained):
     assert r.stdout.count('---------------') == 2 and 'tokens/s' in r.stdout
     r = run_script('sample.py', f'--out_dir={out_dir}/nope')
     assert r.returncode == 2 and r.stderr.startswith('error: no checkpoint at') and r.stderr.count('\n') == 1
+
+
+def test_one_sample_is_streamed_token_by_token_as_the_returned_text(trained, monkeypatch):
+    out_dir, _ = trained
+    pieces = []
+    monkeypatch.setattr(sample_module, 'print', lambda *a, end='\n', **kw: pieces.append(''.join(a) + end),
+                        raising=False)  # sample.py's own print, shadowing the builtin
+    s = sample(SampleConfig(out_dir=out_dir, start='ROMEO:', num_samples=1, max_new_tokens=30, device='cpu'))[0]
+    assert len(pieces) >= 1 + 30 and pieces[1] == s[6]  # the prompt, then one character per token
+    assert ''.join(pieces[:-2]) == s + '\n' and pieces[-2] == '---------------\n' and 'tokens/s' in pieces[-1]
+
+
+def test_streamed_bpe_text_waits_for_whole_characters(tmp_path, monkeypatch, capsys):
+    """A BPE token can be part of a multi-byte character: the stream prints it once it is whole."""
+    cache = os.path.join(SHARED, 'tiktoken')
+    if not os.path.isdir(cache):
+        pytest.skip(f"no tiktoken cache at {cache}")
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', cache)
+    torch.manual_seed(0)
+    args = dict(block_size=32, vocab_size=50257, n_layer=1, n_head=1, n_embd=8, dropout=0.0, bias=False)
+    model = GPT(GPTConfig(**args)).eval()
+    torch.save({'format_version': FORMAT_VERSION, 'model': model.state_dict(), 'model_args': args,
+                'vocab': {'kind': 'tiktoken', 'encoding': 'r50k_base'}}, tmp_path / 'best.pt')
+    cfg = SampleConfig(out_dir=str(tmp_path), start='Hello', num_samples=1, max_new_tokens=60, temperature=1.0,
+                       top_k=None, device='cpu', seed=5)
+    # the same draw as sample.py's: some prefix of it ends inside a character (else this test tests nothing)
+    tok = Tokenizer({'kind': 'tiktoken', 'encoding': 'r50k_base'})
+    ids = model.generate(torch.tensor([tok.encode('Hello')]), 60, temperature=1.0,
+                         generator=[torch.Generator().manual_seed(5)])
+    assert any(tok.decode(ids[0, :n].tolist()).endswith('\ufffd') for n in range(2, 62))
+    s = sample(cfg)[0]
+    out = capsys.readouterr().out
+    assert out.startswith(s + '\n---------------\n') and out.count('\n') == s.count('\n') + 3
+
+
+def test_a_stop_string_ends_each_sample_after_it(trained):
+    out_dir, _ = trained
+    kw = dict(out_dir=out_dir, start='ROMEO:', num_samples=3, max_new_tokens=60, device='cpu')
+    full = sample(SampleConfig(**kw))
+    stopped = sample(SampleConfig(**kw, stop='e'))
+    assert sum('e' in f[6:] for f in full) >= 2  # most samples have an 'e' to stop at
+    for f, s in zip(full, stopped):
+        assert s == (f[:f.index('e', 6) + 1] if 'e' in f[6:] else f)
+
+
+def test_sample_i_of_a_batch_is_the_single_sample_of_seed_plus_i(trained):
+    out_dir, _ = trained
+    batch = sample(SampleConfig(out_dir=out_dir, num_samples=3, max_new_tokens=50, device='cpu', seed=5))
+    alone = sample(SampleConfig(out_dir=out_dir, num_samples=1, max_new_tokens=50, device='cpu', seed=7))
+    assert batch[2] == alone[0] and batch[0] != batch[2]
+
+
+def test_with_and_without_the_cache_the_same_text_within_block_size(trained):
+    out_dir, _ = trained  # block_size 32: a 6-character prompt and 26 new ones
+    kw = dict(out_dir=out_dir, start='ROMEO:', num_samples=2, max_new_tokens=26, device='cpu')
+    assert sample(SampleConfig(**kw)) == sample(SampleConfig(**kw, use_cache=False))
+
+
+def test_bf16_barely_changes_the_val_loss_and_greedy_text(trained, char_data):
+    out_dir, _ = trained
+    loss, same = bench_sample(BenchSampleConfig(mode='bf16', out_dir=out_dir, data_dir=char_data, eval_iters=2,
+                                                n_prompts=8, greedy_prompt_len=8, greedy_tokens=20, device='cpu'))
+    assert abs(loss['bfloat16'] - loss['float32']) < 0.01 and loss['float32'] < 4.0  # trained: below ln(65)
+    assert same.shape == (8,) and (same == 20).sum() >= 4  # most continuations agree for all 20 tokens
+    with pytest.raises(UserError, match="use_cache must be"):
+        bench_sample(BenchSampleConfig(out_dir=out_dir, use_cache='maybe', device='cpu'))

@@ -1,0 +1,151 @@
+"""
+Sampling benchmarks. --mode=speed (the default): tokens/s of generate with and without the KV cache,
+for a checkpoint or for a model shape with random weights.
+
+    python bench_sample.py    # the 6x384, context-256 shape of config/train_shakespeare_char.py, 1000 tokens
+    python bench_sample.py --out_dir=out-shakespeare-char-cpu --prompt_len=32 --max_new_tokens=500
+    python bench_sample.py --use_cache=on --dtypes=bfloat16,float32 --batch_size=8
+
+--mode=bf16: how much sampling in bf16 changes a checkpoint: its val loss under bf16 autocast against
+fp32, and how many greedy continuations of prompts taken from the val text agree token for token.
+
+    python bench_sample.py --mode=bf16 --out_dir=out-shakespeare-char-cpu --data_dir=data/shakespeare_char
+"""
+
+import os
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from checkpoint import load_checkpoint, model_from_checkpoint
+from configurator import UserError, autocast_context, cli, resolve_device, resolve_sample_dtype
+from model import GPT, GPTConfig
+from train import estimate_loss, open_dataset
+
+
+@dataclass
+class BenchSampleConfig:
+    mode: str = 'speed'  # 'speed': tokens/s; 'bf16': val loss and greedy text in bf16 against fp32
+    out_dir: str = ''  # a training run's folder to take the model from; '' builds the shape below (speed only)
+    ckpt: str = 'best.pt'
+    # the shape without out_dir: config/train_shakespeare_char.py's baby GPT on its 65 characters
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256
+    vocab_size: int = 65
+    # speed
+    prompt_len: int = 1  # tokens of random prompt
+    max_new_tokens: int = 1000
+    batch_size: int = 1  # sequences sampled together
+    use_cache: str = 'both'  # 'on', 'off' or 'both'
+    dtypes: str = 'auto,float32'  # comma-separated; 'auto' is sample.py's default (bf16 where it is fast)
+    repeats: int = 3  # timed runs of each path, after a warm-up; the fastest is reported
+    # bf16
+    data_dir: str = ''  # the checkpoint's dataset folder (val.bin, meta.json); '' is data/<dataset>
+    dataset: str = 'shakespeare_char'
+    eval_iters: int = 30  # val batches of 64 windows for the loss (30 x 64 x 64: about tiny Shakespeare's val split)
+    n_prompts: int = 20  # greedy continuations, of prompts from evenly spaced places in the val text
+    greedy_prompt_len: int = 32
+    greedy_tokens: int = 50  # tokens per continuation that must agree
+    seed: int = 1337
+    device: str = 'auto'
+    threads: int = 0  # CPU threads for PyTorch; 0 keeps its default (one per core)
+
+
+def path_name(use_cache, dtype):
+    return f"{'KV cache' if use_cache else 'no cache'}, {dtype}"
+
+
+def time_generate(model, idx, cfg, use_cache, device, dtype):
+    """Seconds of the fastest of cfg.repeats runs of generate, sampling at temperature 1."""
+    def run(n):
+        g = torch.Generator(device).manual_seed(cfg.seed)
+        with torch.no_grad(), autocast_context(device, dtype):
+            t0 = time.perf_counter()
+            out = model.generate(idx, n, use_cache=use_cache, generator=g)
+            out[0, -1].item()  # waits for the device, so the clock is honest
+            return time.perf_counter() - t0
+    run(min(cfg.max_new_tokens, 10))  # warm-up: first calls allocate and pick kernels
+    return min(run(cfg.max_new_tokens) for _ in range(cfg.repeats))
+
+
+def speed(cfg, model, device):
+    dtypes = list(dict.fromkeys(resolve_sample_dtype(d.strip(), device) for d in cfg.dtypes.split(',')))
+    caches = {'on': [True], 'off': [False], 'both': [True, False]}.get(cfg.use_cache)
+    if caches is None:
+        raise UserError(f"use_cache must be 'on', 'off' or 'both', got {cfg.use_cache!r}")
+    if cfg.prompt_len < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.repeats < 1:
+        raise UserError("prompt_len, max_new_tokens, batch_size and repeats must be positive")
+    c = model.config
+    print(f"{c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context {c.block_size}, vocab {c.vocab_size}; "
+          f"batch {cfg.batch_size}, prompt {cfg.prompt_len}, {cfg.max_new_tokens} new tokens; {device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    g = torch.Generator().manual_seed(cfg.seed)
+    idx = torch.randint(c.vocab_size, (cfg.batch_size, cfg.prompt_len), generator=g).to(device)
+    results = {}
+    for use_cache in caches:
+        for dtype in dtypes:
+            dt = time_generate(model, idx, cfg, use_cache, device, dtype)
+            results[use_cache, dtype] = cfg.batch_size * cfg.max_new_tokens / dt
+            print(f"{path_name(use_cache, dtype)}: {results[use_cache, dtype]:.1f} tokens/s ({dt:.2f} s)")
+    base = results.get((False, 'float32'))  # the classic loop
+    for (use_cache, dtype), tps in results.items():
+        if base and (use_cache, dtype) != (False, 'float32'):
+            print(f"{path_name(use_cache, dtype)}: {tps / base:.1f}x the tokens/s of no cache, float32")
+    return results
+
+
+def bf16_check(cfg, model, vocab, device):
+    data = SimpleNamespace(data_dir=cfg.data_dir, dataset=cfg.dataset, block_size=model.config.block_size)
+    data_vocab, splits = open_dataset(data)
+    if data_vocab != vocab:
+        raise UserError(f"the checkpoint was trained on another vocabulary than {cfg.data_dir or cfg.dataset}")
+    val = splits['val']
+    # the val loss as train.py estimates it: the mean over eval_iters fixed random batches
+    ev = SimpleNamespace(eval_iters=cfg.eval_iters, batch_size=64, block_size=model.config.block_size, seed=cfg.seed)
+    loss = {dtype: estimate_loss(model, {'val': val}, ev, device, autocast_context(device, dtype))['val']
+            for dtype in ('float32', 'bfloat16')}
+    model.eval()
+    print(f"val loss over {cfg.eval_iters} x 64 windows of {model.config.block_size}: float32 {loss['float32']:.5f}, "
+          f"bfloat16 {loss['bfloat16']:.5f}, difference {loss['bfloat16'] - loss['float32']:+.5f}")
+
+    L = cfg.greedy_prompt_len
+    stride = (len(val) - L) // cfg.n_prompts
+    prompts = torch.stack([torch.from_numpy(val[i * stride:i * stride + L].astype('int64'))
+                           for i in range(cfg.n_prompts)]).to(device)  # (n_prompts, L)
+    out = {}
+    for dtype in ('float32', 'bfloat16'):
+        with torch.no_grad(), autocast_context(device, dtype):
+            out[dtype] = model.generate(prompts, cfg.greedy_tokens, temperature=0.0)[:, L:]
+    same = (out['float32'] == out['bfloat16']).int().cumprod(dim=1).sum(dim=1)  # leading tokens that agree
+    print(f"greedy continuations of {cfg.n_prompts} val prompts of {L} tokens: "
+          f"{(same == cfg.greedy_tokens).sum().item()} of {cfg.n_prompts} agree for all {cfg.greedy_tokens} tokens; "
+          f"agreeing prefix per prompt: {same.tolist()}")
+    return loss, same
+
+
+def main(cfg):
+    if cfg.mode not in ('speed', 'bf16'):
+        raise UserError(f"mode must be 'speed' or 'bf16', got {cfg.mode!r}")
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # on a shared machine, fewer threads than cores wait less for each other
+    torch.manual_seed(cfg.seed)
+    if cfg.out_dir:
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt))
+        model, vocab = model_from_checkpoint(ckpt, dropout=0.0), ckpt['vocab']
+        del ckpt
+    elif cfg.mode == 'bf16':
+        raise UserError("mode=bf16 needs a trained model: give --out_dir (and --data_dir)")
+    else:
+        model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                              vocab_size=cfg.vocab_size, dropout=0.0))
+    model.eval().to(device)
+    return speed(cfg, model, device) if cfg.mode == 'speed' else bf16_check(cfg, model, vocab, device)
+
+
+if __name__ == '__main__':
+    cli(main, BenchSampleConfig)
