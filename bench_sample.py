@@ -99,6 +99,8 @@ def speed(cfg, model, device):
 
 
 def bf16_check(cfg, model, vocab, device):
+    if min(cfg.eval_iters, cfg.n_prompts, cfg.greedy_prompt_len, cfg.greedy_tokens) < 1:
+        raise UserError("eval_iters, n_prompts, greedy_prompt_len and greedy_tokens must be positive")
     data = SimpleNamespace(data_dir=cfg.data_dir, dataset=cfg.dataset, block_size=model.config.block_size)
     data_vocab, splits = open_dataset(data)
     if data_vocab != vocab:
