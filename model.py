@@ -11,7 +11,7 @@ Optional modern parts, each a GPTConfig switch that is off by default (as in mod
 5) "Root Mean Square Layer Normalization" (Zhang & Sennrich 2019): RMSNorm instead of LayerNorm.
 6) "Scaling Vision Transformers to 22B Parameters" (Dehghani et al. 2023): QK-norm.
 7) "Primer" (So et al. 2021): the squared-ReLU MLP.
-8) "Muon" (Keller Jordan 2024): orthogonalised momentum for the hidden matrices (torch.optim.Muon).
+8) "Muon" (Keller Jordan 2024): orthogonalised momentum for the hidden matrices.
 """
 
 import inspect
@@ -123,6 +123,46 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), rotary)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan 2024, kellerjordan.github.io/posts/muon): SGD with Nesterov momentum whose update
+    of each matrix is orthogonalised, i.e. replaced by U V^T of its SVD U S V^T, so that every direction
+    moves by the same amount. A quintic Newton-Schulz iteration approximates U V^T with matmuls only.
+    The same algorithm as torch.optim.Muon, whose iteration always runs in bf16: slow on CPUs without
+    bf16 matmul units (~1 GFLOP/s on this project's AVX2 test machine); here it runs in fp32 off CUDA."""
+
+    def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, ns_steps=5):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+
+    @staticmethod
+    def orthogonalise(G, steps):
+        a, b, c = 3.4445, -4.7750, 2.0315  # Jordan's coefficients: a steep slope at 0, s -> [~0.7, ~1.2]
+        X = G.bfloat16() if G.is_cuda else G.float()
+        if G.size(0) > G.size(1):
+            X = X.T  # iterate on the wide side: X X^T is the smaller Gram matrix
+        X = X / (X.norm() + 1e-7)  # Frobenius norm >= spectral norm: singular values now <= 1
+        for _ in range(steps):
+            A = X @ X.T
+            X = a * X + (b * A + c * A @ A) @ X  # X <- a X + b (X X^T) X + c (X X^T)^2 X, per singular value
+        return (X.T if G.size(0) > G.size(1) else X).to(G.dtype)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if 'momentum_buffer' not in state:
+                    state['momentum_buffer'] = torch.zeros_like(p)
+                buf = state['momentum_buffer']
+                buf.mul_(group['momentum']).add_(p.grad)
+                g = p.grad.add(buf, alpha=group['momentum'])  # Nesterov
+                update = self.orthogonalise(g, group['ns_steps'])
+                p.mul_(1 - group['lr'] * group['weight_decay'])  # decoupled weight decay
+                # a tall matrix's rows are longer than unit: scale so each row moves alike (Jordan's choice)
+                p.add_(update, alpha=-group['lr'] * max(1, p.size(0) / p.size(1)) ** 0.5)
 
 
 class ChainedOptimizer:
@@ -290,8 +330,8 @@ class GPT(nn.Module):
             return adamw
         # lr_scale: the training loop sets each group's lr to the schedule's lr times this, so Muon follows
         # the same warm-up and decay at its own (much larger) peak
-        muon = torch.optim.Muon([{'params': muon, 'lr_scale': muon_lr / learning_rate}], lr=muon_lr,
-                                weight_decay=weight_decay, momentum=muon_momentum)
+        muon = Muon([{'params': muon, 'lr_scale': muon_lr / learning_rate}], lr=muon_lr,
+                    weight_decay=weight_decay, momentum=muon_momentum)
         return ChainedOptimizer(muon, adamw)
 
     def flops_per_token(self):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import GPT, ChainedOptimizer, GPTConfig, apply_rotary, rotary_tables
+from model import GPT, ChainedOptimizer, GPTConfig, Muon, apply_rotary, rotary_tables
 
 SWITCHES = [dict(rotary=True), dict(rmsnorm=True), dict(qk_norm=True), dict(relu2=True),
             dict(tie_weights=False), dict(bias=False),
@@ -71,7 +71,7 @@ def test_rotary_attention_scores_depend_only_on_relative_position():
 def test_muon_update_of_a_matrix_is_close_to_orthogonal():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.zeros(64, 32))
-    opt = torch.optim.Muon([w], lr=1.0, weight_decay=0.0, momentum=0.0, adjust_lr_fn=None)
+    opt = Muon([w], lr=1.0, weight_decay=0.0, momentum=0.0)
     w.grad = torch.randn(64, 1) @ torch.randn(1, 32) + 0.1 * torch.randn(64, 32)  # badly conditioned
     opt.step()
     s = torch.linalg.svdvals(-w.detach() / (64 / 32) ** 0.5)  # undo the sqrt(rows/cols) lr adjustment
@@ -80,11 +80,26 @@ def test_muon_update_of_a_matrix_is_close_to_orthogonal():
     assert torch.linalg.svdvals(w.grad).max() / torch.linalg.svdvals(w.grad).min() > 50  # the gradient was not
 
 
+def test_our_muon_steps_as_torch_optim_muon_does():
+    # the same algorithm; torch's runs Newton-Schulz in bf16, ours in fp32 on CPU: close, not equal
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(48, 32)), torch.nn.Parameter(torch.randn(48, 32))
+    b.data.copy_(a.data)
+    ours = Muon([a], lr=0.02, weight_decay=0.1, momentum=0.95)
+    ref = torch.optim.Muon([b], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True)
+    for _ in range(3):
+        g = torch.randn(48, 32)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a.data, b.data, rtol=0, atol=2e-3)  # bf16 rounding of the updates, ~0.02 * 1e-2
+
+
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = tiny(tie_weights=False, bias=False)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', optimizer='muon', muon_lr=0.02)
     muon, adamw = opt.optimizers
-    assert isinstance(opt, ChainedOptimizer) and isinstance(muon, torch.optim.Muon)
+    assert isinstance(opt, ChainedOptimizer) and isinstance(muon, Muon)
     muon_params = {id(p) for g in muon.param_groups for p in g['params']}
     expected = {id(p) for n, p in model.named_parameters() if n.startswith('transformer.h.') and p.dim() == 2}
     assert muon_params == expected and len(expected) == 2 * 4  # c_attn, c_proj, c_fc, mlp.c_proj per block
