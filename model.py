@@ -6,6 +6,12 @@ References:
 2) "Language Models are Unsupervised Multitask Learners" (GPT-2, Radford et al. 2019): pre-LayerNorm
    blocks, a final LayerNorm, residual projections scaled at init, tanh-approximated GELU.
 3) "Language Models are Few-Shot Learners" (GPT-3, Brown et al. 2020): the sizes and the optimizer.
+Optional modern parts, each a GPTConfig switch that is off by default (as in modded-nanogpt and nanochat):
+4) "RoFormer" (Su et al. 2021): rotary position embeddings instead of learned ones.
+5) "Root Mean Square Layer Normalization" (Zhang & Sennrich 2019): RMSNorm instead of LayerNorm.
+6) "Scaling Vision Transformers to 22B Parameters" (Dehghani et al. 2023): QK-norm.
+7) "Primer" (So et al. 2021): the squared-ReLU MLP.
+8) "Muon" (Keller Jordan 2024): orthogonalised momentum for the hidden matrices.
 """
 
 import inspect
@@ -33,6 +39,27 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)  # eps as in GPT-2
 
 
+def norm(config, ndim):
+    """The block's normalisation: GPT-2's LayerNorm, or RMSNorm (rescale only, no centring, no bias)."""
+    return nn.RMSNorm(ndim, eps=1e-5) if config.rmsnorm else LayerNorm(ndim, bias=config.bias)
+
+
+def rotary_tables(block_size, head_size, base=10000.0):
+    """cos and sin (block_size, head_size // 2) of RoFormer's angles: position t turns the i-th pair of
+    channels by t * base^(-2i / head_size)."""
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (block_size, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each pair of channels (x1[i], x2[i]) of x (B, nh, T, hs) by its position's angle (T, hs/2).
+    Then q_s . k_t depends on s - t only: attention sees relative positions (Su et al. 2021, eq. 16)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # bf16 under autocast, like q and k
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -45,14 +72,20 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.qk_norm = config.qk_norm
 
-    def forward(self, x, kv=None):
+    def forward(self, x, kv=None, rotary=None):
         B, T, C = x.size()  # batch, sequence length, n_embd
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:
+            # unit-RMS queries and keys bound the attention logits, so a high learning rate can't blow them up
+            q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)  # rotary: the angles of positions t0..t0+T
         if kv is not None:
             # generation: this layer's slice of a KVCache, holding t0 earlier positions. Write the new
             # keys/values in place after them, then attend to all t0 + T.
@@ -76,9 +109,12 @@ class MLP(nn.Module):
         self.gelu = nn.GELU(approximate='tanh')  # GPT-2 was trained with the tanh approximation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.relu2 = config.relu2
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        x = self.c_fc(x)
+        x = F.relu(x).square() if self.relu2 else self.gelu(x)  # ReLU^2: Primer's cheaper, better activation
+        return self.dropout(self.c_proj(x))
 
 
 class Block(nn.Module):
@@ -86,15 +122,84 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv=None):
-        x = x + self.attn(self.ln_1(x), kv)
+    def forward(self, x, kv=None, rotary=None):
+        x = x + self.attn(self.ln_1(x), kv, rotary)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan 2024, kellerjordan.github.io/posts/muon): SGD with Nesterov momentum whose update
+    of each matrix is orthogonalised, i.e. replaced by U V^T of its SVD U S V^T, so that every direction
+    moves by the same amount. A quintic Newton-Schulz iteration approximates U V^T with matmuls only.
+    The same algorithm as torch.optim.Muon, whose iteration always runs in bf16: slow on CPUs without
+    bf16 matmul units (~1 GFLOP/s on this project's AVX2 test machine); here it runs in fp32 off CUDA."""
+
+    def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, ns_steps=5):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+
+    @staticmethod
+    def orthogonalise(G, steps):
+        a, b, c = 3.4445, -4.7750, 2.0315  # Jordan's coefficients: a steep slope at 0, s -> [~0.7, ~1.2]
+        X = G.bfloat16() if G.is_cuda else G.float()
+        if G.size(0) > G.size(1):
+            X = X.T  # iterate on the wide side: X X^T is the smaller Gram matrix
+        X = X / (X.norm() + 1e-7)  # Frobenius norm >= spectral norm: singular values now <= 1
+        for _ in range(steps):
+            A = X @ X.T
+            X = a * X + (b * A + c * A @ A) @ X  # X <- a X + b (X X^T) X + c (X X^T)^2 X, per singular value
+        return (X.T if G.size(0) > G.size(1) else X).to(G.dtype)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if 'momentum_buffer' not in state:
+                    state['momentum_buffer'] = torch.zeros_like(p)
+                buf = state['momentum_buffer']
+                buf.mul_(group['momentum']).add_(p.grad)
+                g = p.grad.add(buf, alpha=group['momentum'])  # Nesterov
+                update = self.orthogonalise(g, group['ns_steps'])
+                p.mul_(1 - group['lr'] * group['weight_decay'])  # decoupled weight decay
+                # a tall matrix's rows are longer than unit: scale so each row moves alike (Jordan's choice)
+                p.add_(update, alpha=-group['lr'] * max(1, p.size(0) / p.size(1)) ** 0.5)
+
+
+class ChainedOptimizer:
+    """Several torch optimizers (each owning its own parameters) used as one: steps, zero_grad, param_groups
+    and a state_dict of plain tensors, as the training loop, GradScaler and checkpoints expect."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {'chained': [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state_dict):
+        if len(state_dict.get('chained', ())) != len(self.optimizers):
+            raise UserError("the checkpoint's optimizer state is of another optimizer: resume with the same --optimizer")
+        for opt, sd in zip(self.optimizers, state_dict['chained']):
+            opt.load_state_dict(sd)
 
 
 # OpenAI's released GPT-2 checkpoints, as named on the Hugging Face hub (n_layer, n_head, n_embd):
@@ -113,6 +218,16 @@ class GPTConfig:
     n_embd: int = 768  # width of the residual stream
     dropout: float = 0.0  # on attention weights and residual branches; 0 for pretraining, ~0.1+ to finetune
     bias: bool = True  # biases in Linears and LayerNorms, as GPT-2; False is a bit better and faster
+    # modern options (all off: GPT-2 as published)
+    rotary: bool = False  # rotary position embeddings on q and k instead of the learned wpe
+    rmsnorm: bool = False  # RMSNorm instead of LayerNorm
+    qk_norm: bool = False  # RMS-normalise q and k per head before attention
+    relu2: bool = False  # ReLU(x)^2 in the MLP instead of the tanh GELU
+    tie_weights: bool = True  # the head reads logits with the token embedding matrix, as GPT-2
+
+    def is_gpt2(self):
+        """Whether this is GPT-2's architecture, the one Hugging Face's GPT2LMHeadModel computes."""
+        return not (self.rotary or self.rmsnorm or self.qk_norm or self.relu2) and self.tie_weights
 
 
 class KVCache:
@@ -166,14 +281,21 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned absolute positions
+            # learned absolute positions; none with rotary embeddings, which turn q and k by position instead
+            **({} if config.rotary else {'wpe': nn.Embedding(config.block_size, config.n_embd)}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=norm(config, config.n_embd),
         ))
+        if config.rotary:
+            # not saved in checkpoints (persistent=False): rebuilt from the config
+            cos, sin = rotary_tables(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer('rotary_cos', cos, persistent=False)
+            self.register_buffer('rotary_sin', sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017, used by GPT-2): the head reads logits with the embedding matrix.
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_weights:
+            # Weight tying (Press & Wolf 2017, used by GPT-2): the head reads logits with the embedding matrix.
+            self.transformer.wte.weight = self.lm_head.weight
 
         self.apply(self._init_weights)
         # GPT-2 scales the init of each residual projection by 1/sqrt(N), N = 2 * n_layer residual
@@ -195,7 +317,7 @@ class GPT(nn.Module):
         """Parameter count. The position embedding is left out by default, as is usual when quoting
         model sizes; the token embedding is counted once, since the head shares it."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and not self.config.rotary:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
@@ -208,10 +330,16 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {t0 + T} is longer than block_size {self.config.block_size}")
         if t0 and T > 1:  # the causal mask of T > 1 new queries would not be offset by t0
             raise ValueError("only an empty KVCache takes several tokens at once")
-        pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
+        x = self.transformer.wte(idx)  # (B, T, n_embd)
+        rotary = None
+        if self.config.rotary:
+            rotary = self.rotary_cos[t0:t0 + T], self.rotary_sin[t0:t0 + T]  # positions enter in attention instead
+        else:
+            pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else (cache.k[i], cache.v[i], t0))
+            x = block(x, None if cache is None else (cache.k[i], cache.v[i], t0), rotary)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
@@ -230,19 +358,39 @@ class GPT(nn.Module):
         if block_size > self.config.block_size:
             raise ValueError(f"block_size {block_size} is larger than the model's {self.config.block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if self.config.rotary:
+            self.rotary_cos, self.rotary_sin = self.rotary_cos[:block_size], self.rotary_sin[:block_size]
+        else:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
+                             muon_lr=0.02, muon_momentum=0.95):
+        """AdamW for every parameter, or with optimizer='muon' Muon for the blocks' matrices and AdamW for
+        the rest (embeddings, head, gains, biases), stepped together as one ChainedOptimizer."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        muon = []
+        if optimizer == 'muon':
+            # Muon orthogonalises a matrix's update, which suits the hidden layers' linear maps; the
+            # embeddings and head are lookups/readouts of tokens, trained best by Adam (Jordan 2024).
+            muon = [p for p in self.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
+        elif optimizer != 'adamw':
+            raise UserError(f"unknown optimizer {optimizer!r} (use 'adamw' or 'muon')")
         # Decay the matrices and embeddings (every parameter of 2+ dimensions); biases and LayerNorm
         # gains keep weight_decay 0, as decaying them only pulls them away from their useful values.
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
+        decay = [p for p in params if p.dim() >= 2 and all(p is not q for q in muon)]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{'params': decay, 'weight_decay': weight_decay},
                   {'params': no_decay, 'weight_decay': 0.0}]
-        # the fused CUDA kernel updates all parameters in one launch instead of one per tensor
-        fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+        # fused kernels update all parameters in a few launches instead of ~10 small ops per tensor (CUDA and CPU)
+        fused = device_type in ('cuda', 'cpu') and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+        if not muon:
+            return adamw
+        # lr_scale: the training loop sets each group's lr to the schedule's lr times this, so Muon follows
+        # the same warm-up and decay at its own (much larger) peak
+        muon = Muon([{'params': muon, 'lr_scale': muon_lr / learning_rate}], lr=muon_lr,
+                    weight_decay=weight_decay, momentum=muon_momentum)
+        return ChainedOptimizer(muon, adamw)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6N for the matmuls of forward + backward (Kaplan et al. 2020,
@@ -369,6 +517,9 @@ class GPT(nn.Module):
         except ImportError:
             raise UserError("exporting to Hugging Face needs safetensors: pip install safetensors") from None
         c = self.config
+        if not c.is_gpt2():
+            raise UserError("only GPT-2's architecture exports to a Hugging Face GPT-2 folder: this model has "
+                            "rotary, rmsnorm, qk_norm, relu2 or an untied head")
         sd = self.state_dict()
         tensors = {}
         for k, v in sd.items():

@@ -71,6 +71,16 @@ class TrainConfig:
     n_embd: int = 768
     dropout: float = 0.0  # 0 for pretraining, 0.1+ for finetuning
     bias: bool = False  # biases in Linears and LayerNorms (GPT-2 had them)
+    # modern options, all off by default: GPT-2's architecture (see model.py's GPTConfig)
+    rotary: bool = False  # rotary position embeddings instead of learned ones
+    rmsnorm: bool = False  # RMSNorm instead of LayerNorm
+    qk_norm: bool = False  # RMS-normalise queries and keys per head
+    relu2: bool = False  # ReLU^2 MLP instead of GELU
+    tie_weights: bool = True  # share the token embedding with the head
+    # optimizer: 'adamw', or 'muon' (Muon for the blocks' matrices, AdamW for embeddings, head, gains, biases)
+    optimizer: str = 'adamw'
+    muon_lr: float = 0.02  # Muon's peak learning rate (it follows the same schedule as learning_rate)
+    muon_momentum: float = 0.95
     # AdamW
     learning_rate: float = 6e-4  # peak learning rate
     max_iters: int = 600000  # optimizer steps in the whole run
@@ -90,7 +100,8 @@ class TrainConfig:
     compile: bool | str = 'auto'  # torch.compile the model: 'auto' = on CUDA only
 
 
-MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout')
+MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'rotary', 'rmsnorm', 'qk_norm', 'relu2',
+              'tie_weights', 'dropout')
 
 
 def get_lr(it, cfg):
@@ -178,6 +189,33 @@ def estimate_loss(model, splits, cfg, device, ctx):
         out[split] = losses.mean().item()
     model.train()
     return out
+
+
+def train_step(model, optimizer, scaler, ctx, X, Y, next_batch, accum, grad_clip, ddp=False):
+    """One optimizer step over `accum` micro-batches, the first being (X, Y); next_batch(m) gives the m-th
+    micro-batch after it. Returns the step's mean loss (a tensor: reading it would wait for the device)
+    and the next step's first micro-batch. bench.py times this same function."""
+    loss_sum = torch.zeros((), device=X.device)
+    for micro in range(accum):
+        if ddp:
+            # DDP all-reduces gradients in backward; only the last micro-step needs it, the
+            # earlier ones just add into .grad locally
+            model.require_backward_grad_sync = micro == accum - 1
+        with ctx:
+            _, loss = model(X, Y)
+            # the gradient of the step is that of the mean loss over all micro-steps
+            loss = loss / accum
+        # fetch the next micro-batch on the CPU while the device runs the forward pass
+        X, Y = next_batch(micro + 1)
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)  # frees the gradients' memory until the next backward
+    return loss_sum, X, Y
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,6 +316,12 @@ def check_config(cfg):
         raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.init_from not in ('scratch', 'resume') and (cfg.rotary or cfg.rmsnorm or cfg.qk_norm or cfg.relu2
+                                                       or not cfg.tie_weights):
+        raise UserError(f"init_from={cfg.init_from!r} loads GPT-2's architecture: leave rotary, rmsnorm, qk_norm, "
+                        "relu2 and tie_weights at their defaults")
+    if cfg.optimizer not in ('adamw', 'muon'):
+        raise UserError(f"optimizer must be 'adamw' or 'muon', got {cfg.optimizer!r}")
     if cfg.init_from not in ('scratch', 'resume', *GPT2_NAMES) and not os.path.isdir(cfg.init_from):
         raise UserError(f"init_from must be 'scratch', 'resume', one of {', '.join(GPT2_NAMES)} or a local "
                         f"Hugging Face GPT-2 folder, got {cfg.init_from!r}")
@@ -334,8 +378,7 @@ def train(cfg, device, rank, world_size, master, received):
     from tokenizer import GPT2_VOCAB, Tokenizer
     vocab_size = Tokenizer(vocab).vocab_size
 
-    model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                      bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)
+    model_args = dict({key: getattr(cfg, key) for key in MODEL_KEYS}, vocab_size=vocab_size)
     ckpt = None
     if cfg.init_from == 'scratch':
         if master:
@@ -350,8 +393,9 @@ def train(cfg, device, rank, world_size, master, received):
                             f"resume with --dataset={ckpt['config']['dataset']!r} (or its data_dir)")
         # Compare with the run config the checkpoint was trained with, not its model_args: a run started
         # from GPT-2 took its shape from the pretrained model, whatever n_layer etc. it was given.
-        for key in MODEL_KEYS[:-1]:
-            trained, asked = ckpt['config'][key], model_args[key]
+        defaults = TrainConfig()  # for keys older checkpoints did not have yet
+        for key in (*MODEL_KEYS[:-1], 'optimizer'):
+            trained, asked = ckpt['config'].get(key, getattr(defaults, key)), getattr(cfg, key)
             if trained != asked:
                 why = f" (it learned positions for {trained} tokens only)" if key == 'block_size' else ''
                 raise UserError(f"{ckpt_path} has {key}={trained!r} but this run asks for {asked!r}{why}: "
@@ -385,7 +429,8 @@ def train(cfg, device, rank, world_size, master, received):
 
     # A GradScaler only for fp16, whose narrow range would flush small gradients to zero.
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
+                                           cfg.optimizer, cfg.muon_lr, cfg.muon_momentum)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
@@ -475,27 +520,11 @@ def train(cfg, device, rank, world_size, master, received):
 
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
-            group['lr'] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(local_accum):
-            if world_size > 1:
-                # DDP all-reduces gradients in backward; only the last micro-step needs it, the
-                # earlier ones just add into .grad locally
-                model.require_backward_grad_sync = micro == local_accum - 1
-            with ctx:
-                _, loss = model(X, Y)
-                # the gradient of the step is that of the mean loss over all micro-steps
-                loss = loss / local_accum
-            # fetch the next micro-batch on the CPU while the device runs the forward pass
-            X, Y = batch(iter_num + (micro + 1) // local_accum, (micro + 1) % local_accum)
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip != 0.0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)  # frees the gradients' memory until the next backward
+            group['lr'] = lr * group.get('lr_scale', 1.0)  # Muon's groups have their own peak
+        # micro-step m after this step's first is micro-batch m % local_accum of step iter_num + m // local_accum
+        next_batch = lambda m: batch(iter_num + m // local_accum, m % local_accum)  # noqa: E731
+        loss_sum, X, Y = train_step(model, optimizer, scaler, ctx, X, Y, next_batch, local_accum, cfg.grad_clip,
+                                    ddp=world_size > 1)
         iter_num += 1
         iters_logged += 1
         # Before this step's weights can reach a checkpoint: was its loss finite, was a stop asked for?

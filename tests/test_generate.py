@@ -22,9 +22,10 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.mark.parametrize('modern', [{}, dict(rotary=True, qk_norm=True, rmsnorm=True, relu2=True, bias=False)])
 @pytest.mark.parametrize('temperature', [0.0, 1.0])
-def test_cached_and_uncached_generation_are_identical_within_block_size(temperature):
-    model = tiny()
+def test_cached_and_uncached_generation_are_identical_within_block_size(temperature, modern):
+    model = tiny(**modern)  # with rotary, the cached keys carry their positions' rotation
     idx = torch.randint(0, 65, (3, 5), generator=gen(1))
     cached = model.generate(idx, 11, temperature=temperature, generator=gen(2))  # 16 tokens: all of block_size
     uncached = model.generate(idx, 11, temperature=temperature, generator=gen(2), use_cache=False)

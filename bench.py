@@ -1,0 +1,130 @@
+"""
+Benchmark training steps: how fast the trainer's step (forward, backward, clip, optimizer) runs on this
+device, and how close that is to the hardware's peak (MFU).
+
+    python bench.py config/train_shakespeare_char_cpu.py                    # the CPU recipe's shape
+    python bench.py config/train_shakespeare_char_cpu.py --real_data=True   # on its real batches
+    python bench.py config/train_gpt2.py --batch_size=12 --gradient_accumulation_steps=1   # GPT-2 124M, one GPU
+    python bench.py config/train_shakespeare_char_cpu.py --profile=True     # + a chrome trace, top ops
+
+It takes any training config (every train.py knob), builds the model from scratch, runs `bench_warmup`
+untimed steps (compilation, allocator, caches), then times `bench_iters` steps one by one, waiting for
+the device at the end of each, and reports the median. The step is train.train_step, the very function
+train.py runs, and batches come from train.get_batch: on a random token array by default (no dataset
+needed), or on the dataset's train split with real_data=True.
+
+MFU (model FLOPs utilisation) divides the model's training FLOP/s (6N + attention, model.flops_per_token)
+by the device's peak: a GPU's data-sheet bf16 peak, or on CPU and mps the matmul FLOP/s measured here
+at start (both fp32 and bf16 are printed; MFU is against the one of the run's dtype).
+"""
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from configurator import autocast_context, cli, peak_flops, print_config, resolve_compile, resolve_device, resolve_dtype
+from model import GPT, GPTConfig
+from train import MODEL_KEYS, TrainConfig, batch_seed, check_config, get_batch, open_dataset, train_step
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    # every TrainConfig knob (model, batch, optimizer, device, dtype, compile), and:
+    bench_warmup: int = 5  # untimed steps first (the lr stays at learning_rate: no schedule)
+    bench_iters: int = 30  # timed steps
+    real_data: bool = False  # batches from the dataset's train split; False: random tokens
+    vocab_size: int = 50304  # with random tokens: GPT-2's 50257 rounded up to a multiple of 64
+    profile: bool = False  # also profile a few steps with torch.profiler: a table of the top ops and a trace
+    trace_file: str = 'bench_trace.json'  # where the profile's chrome trace goes (open in ui.perfetto.dev)
+
+
+def main(cfg):
+    check_config(cfg)
+    print_config(cfg)
+    device = resolve_device(cfg.device)
+    device_type = device.split(':')[0]
+    dtype = resolve_dtype(cfg.dtype, device)
+    ctx = autocast_context(device, dtype)
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+
+    if cfg.real_data:
+        from tokenizer import Tokenizer
+        vocab, splits = open_dataset(cfg)
+        data, vocab_size = splits['train'], Tokenizer(vocab).vocab_size
+    else:
+        vocab_size = cfg.vocab_size
+        data = np.random.default_rng(cfg.seed).integers(0, vocab_size, 2**20, dtype=np.uint16)  # 1M tokens
+    model = GPT(GPTConfig(**{key: getattr(cfg, key) for key in MODEL_KEYS}, vocab_size=vocab_size)).to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
+                                           cfg.optimizer, cfg.muon_lr, cfg.muon_momentum)
+    for group in optimizer.param_groups:
+        group['lr'] = cfg.learning_rate * group.get('lr_scale', 1.0)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+    raw_model = model
+    if resolve_compile(cfg.compile, device):
+        model = torch.compile(model)
+
+    accum, B, T = cfg.gradient_accumulation_steps, cfg.batch_size, cfg.block_size
+    tokens_per_iter = accum * B * T
+    step = 0
+
+    def next_batch(m):  # micro-batch m after the current step's first, as in train.py
+        index = step * accum + m
+        return get_batch(data, T, B, batch_seed(cfg.seed, 'train', index), device=device)
+
+    def run_step():
+        nonlocal X, Y, step
+        loss, X, Y = train_step(model, optimizer, scaler, ctx, X, Y, next_batch, accum, cfg.grad_clip)
+        step += 1
+        return loss.item()  # waits for the device: the step is really done when the clock is read
+
+    peaks = {'float32': peak_flops(device, 'float32')} if device_type in ('cpu', 'mps') else {}
+    if device_type in ('cpu', 'mps') and dtype != 'float32':
+        peaks[dtype] = peak_flops(device, dtype)
+    peak = peaks.get(dtype) or peak_flops(device, dtype)
+    print(f"device {device}, dtype {dtype}, {torch.get_num_threads()} threads, {tokens_per_iter:,} tokens per step, "
+          f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {raw_model.flops_per_token() / 1e6:.1f} MFLOP per token")
+    print("peak: " + (', '.join(f"{k} {v / 1e9:,.0f} GFLOP/s (measured)" for k, v in peaks.items())
+                      or f"{peak / 1e12:,.0f} TFLOP/s (data sheet)"))
+
+    X, Y = next_batch(0)
+    t0 = time.perf_counter()
+    for _ in range(cfg.bench_warmup):
+        run_step()
+    print(f"warm-up: {cfg.bench_warmup} steps in {time.perf_counter() - t0:.2f} s")
+    times, losses = [], []
+    for _ in range(cfg.bench_iters):
+        t0 = time.perf_counter()
+        losses.append(run_step())
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    result = {'ms_per_iter': dt * 1000, 'tokens_per_s': tokens_per_iter / dt,
+              'mfu': raw_model.estimate_mfu(tokens_per_iter, dt, peak), 'peak_flops': peak,
+              'tokens_per_iter': tokens_per_iter, 'times': times, 'loss': losses[-1]}
+    print(f"{cfg.bench_iters} steps: median {dt * 1000:.2f} ms/iter (min {min(times) * 1000:.2f}, "
+          f"max {max(times) * 1000:.2f}), {result['tokens_per_s']:,.0f} tokens/s, MFU {100 * result['mfu']:.1f}%, "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+    if cfg.profile:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+        with profile(activities=activities, record_shapes=True) as prof:
+            for _ in range(5):
+                run_step()
+        prof.export_chrome_trace(cfg.trace_file)
+        sort_by = 'self_cuda_time_total' if device_type == 'cuda' else 'self_cpu_time_total'
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=20))
+        print(f"chrome trace of 5 steps written to {os.path.abspath(cfg.trace_file)}")
+        result['profile'] = prof
+    return result
+
+
+if __name__ == '__main__':
+    cli(main, BenchConfig)
