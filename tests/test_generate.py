@@ -137,3 +137,4 @@ def test_the_cache_holds_the_autocast_dtype():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert KVCache(model, 1).k[0].dtype == torch.bfloat16
     assert KVCache(model, 1).k[0].dtype == torch.float32
+
