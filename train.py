@@ -88,8 +88,15 @@ class TrainConfig:
     compile: bool | str = 'auto'  # torch.compile the model: 'auto' = on CUDA only
 
 
-MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'rotary', 'rmsnorm', 'qk_norm', 'relu2',
-              'tie_weights', 'dropout')
+MODERN_KEYS = ('rotary', 'rmsnorm', 'qk_norm', 'relu2', 'tie_weights')
+MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', *MODERN_KEYS, 'dropout')
+
+
+def recorded_model_args(config):
+    """The GPTConfig fields a checkpoint records: all, less the modern switches left at GPT-2's setting,
+    so that a GPT-2 run's model_args read as they always did."""
+    gpt2 = GPTConfig()
+    return {k: v for k, v in asdict(config).items() if k not in MODERN_KEYS or v != getattr(gpt2, k)}
 
 
 def get_lr(it, cfg):
@@ -324,6 +331,7 @@ def train(cfg, device, rank, world_size, master):
         if master:
             print(f"initialising a new model, vocab_size {vocab_size}")
         model = GPT(GPTConfig(**model_args))
+        model_args = recorded_model_args(model.config)
         iter_num, best_val_loss = 0, float('inf')
     elif cfg.init_from == 'resume':
         ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
@@ -339,7 +347,7 @@ def train(cfg, device, rank, world_size, master):
         if ckpt['vocab'] != vocab:
             raise UserError(f"{ckpt_path} was trained with another vocabulary than dataset '{cfg.dataset}'")
         model = model_from_checkpoint(ckpt, dropout=cfg.dropout)
-        model_args = asdict(model.config)  # the checkpoint's shape, which may be GPT-2's
+        model_args = recorded_model_args(model.config)  # the checkpoint's shape, which may be GPT-2's
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
         if master:
             print(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
@@ -355,7 +363,7 @@ def train(cfg, device, rank, world_size, master):
             raise UserError(f"{cfg.init_from} has {model.config.vocab_size} token embeddings, fewer than GPT-2's "
                             f"{vocab_size}: it is not a GPT-2 BPE model")
         model.crop_block_size(cfg.block_size)
-        model_args = asdict(model.config)  # what the checkpoint records, so resume and sampling rebuild it
+        model_args = recorded_model_args(model.config)  # what the checkpoint records, so resume and sampling rebuild it
         iter_num, best_val_loss = 0, float('inf')
         if master:
             print(f"initialising from OpenAI's GPT-2 weights: {cfg.init_from}, {model.get_num_params() / 1e6:.2f}M "
