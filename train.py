@@ -100,8 +100,15 @@ class TrainConfig:
     compile: bool | str = 'auto'  # torch.compile the model: 'auto' = on CUDA only
 
 
-MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'rotary', 'rmsnorm', 'qk_norm', 'relu2',
-              'tie_weights', 'dropout')
+MODERN_KEYS = ('rotary', 'rmsnorm', 'qk_norm', 'relu2', 'tie_weights')
+MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', *MODERN_KEYS, 'dropout')
+
+
+def recorded_model_args(config):
+    """The GPTConfig fields a checkpoint records: all, less the modern switches left at GPT-2's setting,
+    so that a GPT-2 run's model_args read as they always did."""
+    gpt2 = GPTConfig()
+    return {k: v for k, v in asdict(config).items() if k not in MODERN_KEYS or v != getattr(gpt2, k)}
 
 
 def get_lr(it, cfg):
@@ -384,6 +391,7 @@ def train(cfg, device, rank, world_size, master, received):
         if master:
             print(f"initialising a new model, vocab_size {vocab_size}")
         model = GPT(GPTConfig(**model_args))
+        model_args = recorded_model_args(model.config)
         iter_num, best_val_loss = 0, float('inf')
     elif cfg.init_from == 'resume':
         ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
@@ -401,7 +409,7 @@ def train(cfg, device, rank, world_size, master, received):
                 raise UserError(f"{ckpt_path} has {key}={trained!r} but this run asks for {asked!r}{why}: "
                                 f"resume with --{key}={trained!r}")
         model = model_from_checkpoint(ckpt, dropout=cfg.dropout)
-        model_args = asdict(model.config)  # the checkpoint's shape, which may be GPT-2's
+        model_args = recorded_model_args(model.config)  # the checkpoint's shape, which may be GPT-2's
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
         if iter_num >= cfg.max_iters and not cfg.eval_only:
             raise UserError(f"{ckpt_path} is at iter {iter_num}, max_iters is {cfg.max_iters}: nothing to train; "
@@ -420,7 +428,7 @@ def train(cfg, device, rank, world_size, master, received):
             raise UserError(f"{cfg.init_from} has {model.config.vocab_size} token embeddings, fewer than GPT-2's "
                             f"{vocab_size}: it is not a GPT-2 BPE model")
         model.crop_block_size(cfg.block_size)
-        model_args = asdict(model.config)  # what the checkpoint records, so resume and sampling rebuild it
+        model_args = recorded_model_args(model.config)  # what the checkpoint records, so resume and sampling rebuild it
         iter_num, best_val_loss = 0, float('inf')
         if master:
             print(f"initialising from OpenAI's GPT-2 weights: {cfg.init_from}, {model.get_num_params() / 1e6:.2f}M "

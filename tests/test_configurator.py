@@ -97,7 +97,7 @@ def test_every_shipped_config_loads_and_passes_the_checks():
     from model import GPT2_NAMES
     from train import TrainConfig, check_config
     paths = sorted(glob.glob(os.path.join(REPO, 'config', '*.py')))
-    assert len(paths) == 8
+    assert len(paths) == 9
     for path in paths:
         check_config(load_config(TrainConfig, [path]))
     cfg = load_config(TrainConfig, [os.path.join(REPO, 'config', 'train_gpt2.py')])
