@@ -19,6 +19,11 @@ from conftest import REPO, dir_snapshot, run_script, tiny_train_config
 from model import GPT, GPTConfig
 
 
+
+def checkpoint_files(out_dir):
+    """The files of out_dir but the metrics log, which every run writes."""
+    return sorted(f for f in os.listdir(out_dir) if f != 'metrics.jsonl')
+
 def flags(cfg):
     """The command line that gives cfg."""
     return [f'--{k}={v!r}' for k, v in asdict(cfg).items()]
@@ -75,8 +80,10 @@ def test_sigterm_saves_the_step_exits_143_and_resuming_ends_bit_identical(tmp_pa
     proc = subprocess.Popen([sys.executable, 'train.py', *flags(cfg)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
     for line in proc.stdout:
-        if line.startswith('iter 2:'):  # mid-run
+        if line.startswith('iter 2/'):  # mid-run
             break
+    else:
+        raise AssertionError(f"no 'iter 2/' log line: {proc.stderr.read()[-2000:]}")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -84,7 +91,7 @@ def test_sigterm_saves_the_step_exits_143_and_resuming_ends_bit_identical(tmp_pa
                         r"command with --init_from=resume\n", out)
     k = int(stopped[1])
     assert k >= 2 and load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))['iter_num'] == k
-    assert os.listdir(cfg.out_dir) == ['ckpt.pt']  # no evaluation on the way out, so no best.pt
+    assert checkpoint_files(cfg.out_dir) == ['ckpt.pt']  # no evaluation on the way out, so no best.pt
     train.main(replace(cfg, max_iters=k + 2, init_from='resume'))
     train.main(replace(cfg, max_iters=k + 2, out_dir=str(tmp_path / 'full')))
     assert same_weights(weights(tmp_path / 'stopped'), weights(tmp_path / 'full'))
@@ -124,7 +131,7 @@ def test_a_second_sigint_quits_at_once(tmp_path, char_data, monkeypatch):
     signal_while_drawing(monkeypatch, step=3, signum=signal.SIGINT, times=2)
     with pytest.raises(KeyboardInterrupt):
         train.main(tiny_train_config(tmp_path, char_data))
-    assert os.listdir(tmp_path) == []  # the first checkpoint would come at iter 10
+    assert checkpoint_files(tmp_path) == []  # the first checkpoint would come at iter 10
     assert handlers() == before
 
 
@@ -167,12 +174,12 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_to_resume_from(tmp_
     proc.kill()  # SIGKILL: no handler, no cleanup
     proc.communicate()
     out = cfg.out_dir
-    assert sorted(os.listdir(out)) == ['best.pt', 'ckpt.pt', 'ckpt.pt.tmp']
+    assert checkpoint_files(out) == ['best.pt', 'ckpt.pt', 'ckpt.pt.tmp']
     with pytest.raises(UserError, match='cannot be read'):
         load_checkpoint(os.path.join(out, 'ckpt.pt.tmp'))  # the half-written step-10 checkpoint
     assert load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num'] == 5
     assert train.main(replace(cfg, init_from='resume'))['iter_num'] == 10  # from ckpt.pt; the .tmp is overwritten
-    assert sorted(os.listdir(out)) == ['best.pt', 'ckpt.pt', 'ckpt_prev.pt']
+    assert checkpoint_files(out) == ['best.pt', 'ckpt.pt', 'ckpt_prev.pt']
     assert load_checkpoint(os.path.join(out, 'ckpt_prev.pt'))['iter_num'] == 5
 
 
@@ -215,7 +222,7 @@ def test_a_crash_between_any_two_file_operations_of_a_save_leaves_loadable_check
         assert iter_of(out, 'ckpt_prev.pt') in ((2,) if latest == 3 else (1, 2))  # the one ckpt.pt had
         assert iter_of(out, 'best.pt') in (1, 3)
         save_checkpoint(ckpt(4), out, is_best=False)  # what the crash left behind does not get in the way
-        assert sorted(os.listdir(out)) == ['best.pt', 'ckpt.pt', 'ckpt_prev.pt']
+        assert checkpoint_files(out) == ['best.pt', 'ckpt.pt', 'ckpt_prev.pt']
         assert iter_of(out, 'ckpt.pt') == 4 and iter_of(out, 'ckpt_prev.pt') == latest
         if finished:
             break
@@ -233,11 +240,15 @@ def test_a_non_finite_loss_stops_the_run_naming_the_iteration_and_changes_no_fil
     # lr 1e30 throws the weights to ~1e30 in one step; the next forward overflows to inf, then nan
     r = run_script('train.py', *flags(replace(cfg, init_from='resume', max_iters=10, learning_rate=1e30,
                                               decay_lr=False, grad_clip=0.0)))
-    assert 'iter 6: loss' in r.stdout
+    assert 'iter 6/' in r.stdout
     assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
     assert r.stderr.startswith('error: the loss is not finite at iter 7 (lr 1.00e+30): the run diverged and '
                                'stopped without saving')
-    assert dir_snapshot(tmp_path) == before
+    after = dir_snapshot(tmp_path)
+    # the checkpoints are untouched; only the metrics log has the steps logged before the divergence
+    assert {k: v for k, v in after.items() if k != 'metrics.jsonl'} == \
+        {k: v for k, v in before.items() if k != 'metrics.jsonl'}
+    assert after['metrics.jsonl'][0].startswith(before['metrics.jsonl'][0])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -246,7 +257,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_iteration_and_changes_no_fil
 def test_every_checkpoint_written_loads_with_weights_only(tmp_path, char_data):
     # classic: no ckpt_prev.pt or best.pt, and no random states to restore
     train.main(tiny_train_config(tmp_path, char_data, max_iters=15, eval_interval=5))
-    files = sorted(os.listdir(tmp_path))
+    files = checkpoint_files(tmp_path)
     assert files == ['best.pt', 'ckpt.pt', 'ckpt_prev.pt']
     for name in files:
         ckpt = torch.load(os.path.join(tmp_path, name), weights_only=True)
