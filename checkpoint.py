@@ -47,14 +47,6 @@ def _write_synced(obj, path):
         os.fsync(f.fileno())  # the bytes are on disk before any name points at them
 
 
-def atomic_save(obj, path):
-    """torch.save to path through path.tmp: the file at path is the old one or the complete new one."""
-    tmp = path + '.tmp'
-    _write_synced(obj, tmp)
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
 def _link_over(src, dst):
     """Make dst name the same file as src, atomically: dst is the old file or src, never partial."""
     if os.path.exists(dst) and os.path.samefile(src, dst):

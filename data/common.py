@@ -73,3 +73,15 @@ def split_and_write(text, vocab, out_dir, val_fraction=0.1):
     cut = int(len(text) * (1 - val_fraction))
     write_dataset(out_dir, tok.encode(text[:cut]), tok.encode(text[cut:]), vocab, tok.vocab_size)
 
+
+
+def prepare_text_dataset(description, here, url, vocab_of):
+    """The main of a one-text dataset (the Shakespeare scripts): --input FILE, or input.txt in `here`,
+    downloaded from `url` if missing; vocab_of(text) gives the vocabulary spec; bins go to --out_dir."""
+    import argparse
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--input', help='local text file (default: input.txt here, downloaded if missing)')
+    parser.add_argument('--out_dir', default=here, help='where to write the bins (default: this folder)')
+    args = parser.parse_args()
+    text = read_text(args.input, url, os.path.join(here, 'input.txt'))
+    split_and_write(text, vocab_of(text), args.out_dir)

@@ -10,27 +10,20 @@ vocabulary spec. Real corpus: 1,115,394 characters -> train 301,966 tokens, val 
 Offline, tiktoken needs its cached BPE file: TIKTOKEN_CACHE_DIR=../shared/data/tiktoken.
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import cli  # noqa: E402
-from data.common import read_text, split_and_write  # noqa: E402
+from data.common import prepare_text_dataset  # noqa: E402
 from tokenizer import GPT2_VOCAB  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument('--input', help='local text file (default: input.txt here, downloaded if missing)')
-    parser.add_argument('--out_dir', default=HERE, help='where to write the bins (default: this folder)')
-    args = parser.parse_args()
-    text = read_text(args.input, URL, os.path.join(HERE, 'input.txt'))
-    # the split is by characters, as for shakespeare_char, so both datasets hold out the same text
-    split_and_write(text, GPT2_VOCAB, args.out_dir)
+    # split by characters, as for shakespeare_char, so both datasets hold out the same text
+    prepare_text_dataset(__doc__.splitlines()[1], os.path.dirname(os.path.abspath(__file__)), URL, lambda text: GPT2_VOCAB)
 
 
 if __name__ == '__main__':

@@ -9,26 +9,19 @@ Writes train.bin (first 90% of the text) and val.bin (last 10%), uint16 ids, and
 vocabulary. Real corpus: 1,115,394 characters -> train 1,003,854 tokens, val 111,540.
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import cli  # noqa: E402
-from data.common import read_text, split_and_write  # noqa: E402
+from data.common import prepare_text_dataset  # noqa: E402
 from tokenizer import char_vocab  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument('--input', help='local text file (default: input.txt here, downloaded if missing)')
-    parser.add_argument('--out_dir', default=HERE, help='where to write the bins (default: this folder)')
-    args = parser.parse_args()
-    text = read_text(args.input, URL, os.path.join(HERE, 'input.txt'))
-    split_and_write(text, char_vocab(text), args.out_dir)
+    prepare_text_dataset(__doc__.splitlines()[1], os.path.dirname(os.path.abspath(__file__)), URL, char_vocab)
 
 
 if __name__ == '__main__':
