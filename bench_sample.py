@@ -41,7 +41,7 @@ class BenchSampleConfig:
     max_new_tokens: int = 1000
     batch_size: int = 1  # sequences sampled together
     use_cache: str = 'both'  # 'on', 'off' or 'both'
-    dtypes: str = 'auto,float32'  # comma-separated; 'auto' is sample.py's default (bf16 where it is fast)
+    dtypes: str = 'auto,float32'  # for the cached path, comma-separated; 'auto': sample.py's default
     repeats: int = 3  # timed runs of each path, after a warm-up; the fastest is reported
     # bf16
     data_dir: str = ''  # the checkpoint's dataset folder (val.bin, meta.json); '' is data/<dataset>
@@ -73,7 +73,7 @@ def time_generate(model, idx, cfg, use_cache, device, dtype):
 
 
 def speed(cfg, model, device):
-    dtypes = list(dict.fromkeys(resolve_sample_dtype(d.strip(), device) for d in cfg.dtypes.split(',')))
+    dtypes = list(dict.fromkeys(resolve_sample_dtype(d.strip(), device, cfg.batch_size) for d in cfg.dtypes.split(',')))
     caches = {'on': [True], 'off': [False], 'both': [True, False]}.get(cfg.use_cache)
     if caches is None:
         raise UserError(f"use_cache must be 'on', 'off' or 'both', got {cfg.use_cache!r}")
@@ -87,7 +87,7 @@ def speed(cfg, model, device):
     idx = torch.randint(c.vocab_size, (cfg.batch_size, cfg.prompt_len), generator=g).to(device)
     results = {}
     for use_cache in caches:
-        for dtype in dtypes:
+        for dtype in dtypes if use_cache else ['float32']:  # no cache: the classic loop, the baseline
             dt = time_generate(model, idx, cfg, use_cache, device, dtype)
             results[use_cache, dtype] = cfg.batch_size * cfg.max_new_tokens / dt
             print(f"{path_name(use_cache, dtype)}: {results[use_cache, dtype]:.1f} tokens/s ({dt:.2f} s)")

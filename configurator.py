@@ -167,15 +167,21 @@ def cpu_has_native_bf16(cpuinfo='/proc/cpuinfo'):
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 
-def resolve_sample_dtype(dtype, device):
-    """dtype for generation. 'auto': bf16 on CUDA that supports it and on CPUs with native bf16, else
-    fp32. Decoding one token at a time is bound by reading the weights from memory, and bf16 halves
-    those bytes; training's 'auto' stays fp32 on the CPU. Other values as in resolve_dtype."""
+def resolve_sample_dtype(dtype, device, batch_size=1):
+    """dtype for generation. A decode step reads every weight for only batch_size rows, so it is bound
+    by memory bandwidth, and bf16 weights halve the bytes (prefills stay in fp32: GPT.generate_stream).
+    'auto' is bf16 where that is faster, else fp32: on CUDA with bf16; on CPUs with native bf16; and on
+    x86 CPUs with AVX2 or AVX-512 for up to 4 rows, whose bf16 matrix-vector kernels convert to fp32 as
+    they read (one row: 1.7x fp32's speed on a Zen 3; from 8 rows a bf16 matrix product takes a slow
+    path there and fp32 wins). Training's 'auto' stays fp32 on the CPU. Other values as in resolve_dtype."""
     import torch
     if dtype != 'auto':
         return resolve_dtype(dtype, device)
     device_type = device.split(':')[0]
-    if device_type == 'cuda' and torch.cuda.is_bf16_supported() or device_type == 'cpu' and cpu_has_native_bf16():
+    if device_type == 'cuda':
+        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float32'
+    if device_type == 'cpu' and (cpu_has_native_bf16() or batch_size <= 4 and
+                                 torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512')):
         return 'bfloat16'
     return 'float32'
 

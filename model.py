@@ -76,11 +76,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, kv=None, rotary=None):
         B, T, C = x.size()  # batch, sequence length, n_embd
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        # one matmul for q, k and v of all heads: (B, T, 3, nh, hs) -> 3 x (B, nh, T, hs), views, no copies
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4).unbind(0)
         if self.qk_norm:
             # unit-RMS queries and keys bound the attention logits, so a high learning rate can't blow them up
             q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
@@ -92,7 +90,8 @@ class CausalSelfAttention(nn.Module):
             k_cache, v_cache, t0 = kv  # (B, nh, block_size, hs) each
             k_cache[:, :, t0:t0 + T] = k
             v_cache[:, :, t0:t0 + T] = v
-            k, v = k_cache[:, :, :t0 + T], v_cache[:, :, :t0 + T]  # (B, nh, t0 + T, hs)
+            if t0:  # a decode step sees the cached positions too; a prefill has all it needs in k, v
+                k, v = k_cache[:, :, :t0 + T].to(q.dtype), v_cache[:, :, :t0 + T].to(q.dtype)  # (B, nh, t0 + T, hs)
         # softmax(q k^T / sqrt(hs)) v (Vaswani et al. eq. 1); flash kernels on CUDA. Causal over T > 1
         # positions (training, or a prefill into an empty cache); a single new query may see every key.
         y = F.scaled_dot_product_attention(
@@ -446,7 +445,11 @@ class GPT(nn.Module):
             elif cache.pos in (0, block_size):  # prefill the prompt, or refill a full cache
                 context = block_size if cache.pos == 0 else keep
                 cache.pos = 0
-                logits, _ = self(seq[:, max(0, n - context):n], cache=cache)
+                # in the weights' dtype even under autocast: a prefill multiplies matrices, where bf16 only pays
+                # on hardware with bf16 units; decode steps multiply vectors, bound by reading the weights,
+                # which bf16 halves everywhere (the keys and values are stored in the cache's dtype either way)
+                with torch.autocast(idx.device.type, enabled=False):
+                    logits, _ = self(seq[:, max(0, n - context):n], cache=cache)
             else:
                 logits, _ = self(seq[:, n - 1:n], cache=cache)  # only the newest token is new to the cache
             idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 import configurator
 from configurator import (UserError, load_config, resolve_compile, resolve_device, resolve_dtype,
@@ -123,12 +124,19 @@ def test_device_dtype_compile_resolution():
         resolve_device('tpu')
 
 
-def test_sampling_dtype_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
+def test_sampling_dtype_is_bf16_where_decoding_is_faster_in_it(monkeypatch):
+    """bf16 with native bf16 at any batch size; on AVX2/AVX-512 CPUs without it, for up to 4 rows
+    (vector products read half the bytes), fp32 from there on (bf16 matrix products are slow there)."""
     monkeypatch.setattr(configurator, 'cpu_has_native_bf16', lambda: True)
-    assert resolve_sample_dtype('auto', 'cpu') == 'bfloat16'
+    assert resolve_sample_dtype('auto', 'cpu', batch_size=64) == 'bfloat16'
     monkeypatch.setattr(configurator, 'cpu_has_native_bf16', lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')
+    assert resolve_sample_dtype('auto', 'cpu') == 'bfloat16'
+    assert resolve_sample_dtype('auto', 'cpu', batch_size=4) == 'bfloat16'
+    assert resolve_sample_dtype('auto', 'cpu', batch_size=5) == 'float32'
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'DEFAULT')  # no vector units known
     assert resolve_sample_dtype('auto', 'cpu') == 'float32'
-    assert resolve_sample_dtype('bfloat16', 'cpu') == 'bfloat16'
+    assert resolve_sample_dtype('bfloat16', 'cpu', batch_size=64) == 'bfloat16'
     assert resolve_sample_dtype('float32', 'cpu') == 'float32'
     with pytest.raises(UserError, match='float16 needs CUDA'):
         resolve_sample_dtype('float16', 'cpu')

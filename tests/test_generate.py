@@ -138,3 +138,22 @@ def test_the_cache_holds_the_autocast_dtype():
         assert KVCache(model, 1).k[0].dtype == torch.bfloat16
     assert KVCache(model, 1).k[0].dtype == torch.float32
 
+
+
+def test_under_bf16_autocast_prefills_run_in_fp32_and_decode_steps_in_bf16():
+    """A prefill multiplies matrices (slow in bf16 on CPUs without bf16 units), a decode step vectors."""
+    model = tiny()
+    step_logits = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, out: step_logits.append(out[:, -1]))
+    idx = torch.randint(0, 65, (2, 5), generator=gen(1))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        seq = model.generate(idx, 20, temperature=1.0, generator=gen(2))  # 25 > block_size 16: one refill
+    hook.remove()
+    assert [l.dtype for l in step_logits] == ([torch.float32] + [torch.bfloat16] * 11 + [torch.float32]
+                                              + [torch.bfloat16] * 7)
+    with torch.no_grad():
+        assert torch.equal(step_logits[0], model(idx)[0][:, -1])  # the prompt's prefill: exactly fp32
+        refill, _ = model(seq[:, 17 - 8:17])  # 17 tokens, the cache full: a refill of the last keep = 8
+        assert (step_logits[12] - refill[:, -1]).abs().max().item() < 1e-5
+        # decode steps in bf16 stay close to fp32 (bf16 keeps ~3 significant digits)
+        assert (step_logits[1] - model(seq[:, :6])[0][:, -1]).abs().max().item() < 0.1
