@@ -50,6 +50,7 @@ class TrainConfig:
     log_interval: int = 1  # steps between log lines
     eval_iters: int = 200  # batches per split in each loss estimate
     eval_only: bool = False  # evaluate once and exit
+    eval_at_start: bool = True  # also evaluate the untrained model at step 0 (False saves that time in a race)
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
     init_from: str = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or OpenAI's GPT-2 to finetune:
     # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face GPT-2 folder (its shape wins
@@ -500,7 +501,8 @@ def train(cfg, device, rank, world_size, master, received):
         last = iter_num >= cfg.max_iters
         saved = False
         resumed_here = cfg.init_from == 'resume' and iter_num == start_iter
-        if last or cfg.eval_only or (iter_num % cfg.eval_interval == 0 and not resumed_here):
+        skip_start = iter_num == 0 and not cfg.eval_at_start
+        if last or cfg.eval_only or (iter_num % cfg.eval_interval == 0 and not resumed_here and not skip_start):
             losses = estimate_loss(model, splits, cfg, device, ctx)
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "

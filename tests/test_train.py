@@ -41,6 +41,15 @@ def test_checkpoints_are_saved_at_evals_and_after_the_last_step(tmp_path, char_d
     assert best['best_val_loss'] == result['best_val_loss']
 
 
+def test_evaluations_happen_every_eval_interval_and_at_step_0_unless_switched_off(tmp_path, char_data):
+    import json
+    for at_start, expected in [(True, [0, 10, 20, 25]), (False, [10, 20, 25])]:
+        out = tmp_path / str(at_start)
+        main(tiny_train_config(out, char_data, max_iters=25, eval_interval=10, eval_at_start=at_start))
+        rows = [json.loads(line) for line in open(out / 'metrics.jsonl')]
+        assert [r['iter'] for r in rows if 'val_loss' in r] == expected
+
+
 def test_best_val_loss_only_goes_down_and_best_pt_keeps_the_best(tmp_path, char_data):
     # A learning rate this high makes the loss climb again after its first fall.
     cfg = tiny_train_config(tmp_path, char_data, learning_rate=0.3, warmup_iters=0, decay_lr=False,
