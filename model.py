@@ -91,7 +91,8 @@ class CausalSelfAttention(nn.Module):
             k_cache[:, :, t0:t0 + T] = k
             v_cache[:, :, t0:t0 + T] = v
             if t0:  # a decode step sees the cached positions too; a prefill has all it needs in k, v
-                k, v = k_cache[:, :, :t0 + T].to(q.dtype), v_cache[:, :, :t0 + T].to(q.dtype)  # (B, nh, t0 + T, hs)
+                k = k_cache[:, :, :t0 + T].to(q.dtype)  # (B, nh, t0 + T, hs)
+                v = v_cache[:, :, :t0 + T].to(q.dtype)
         # softmax(q k^T / sqrt(hs)) v (Vaswani et al. eq. 1); flash kernels on CUDA. Causal over T > 1
         # positions (training, or a prefill into an empty cache); a single new query may see every key.
         y = F.scaled_dot_product_attention(
@@ -433,6 +434,7 @@ class GPT(nn.Module):
         but not the keys themselves: in layers after the first, a cached key was computed from a context
         reaching back before the window, so the logits would differ from a forward pass over the window
         (by ~0.1-0.4 on a tiny 2-layer model, measured); the refill keeps every step exact.
+        Under autocast, prefills and refills run in the weights' dtype, decode steps in autocast's.
         """
         B, T = idx.size()
         block_size = self.config.block_size
