@@ -18,6 +18,7 @@ import inspect
 import json
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -84,19 +85,23 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)  # rotary: the angles of positions t0..t0+T
+        decode = kv is not None and kv[2] > 0  # generation: one new position after t0 cached ones
         if kv is not None:
-            # generation: this layer's slice of a KVCache, holding t0 earlier positions. Write the new
-            # keys/values in place after them, then attend to all t0 + T.
-            k_cache, v_cache, t0 = kv  # (B, nh, block_size, hs) each
+            # this layer's slice of a KVCache, holding t0 earlier positions: write the new keys/values in
+            # place after them (a prefill, t0 = 0, has all it needs in k, v); a decode step attends to all
+            k_cache, v_cache, t0 = kv  # (B, nh, block_size, hs) each, in the weights' dtype
             k_cache[:, :, t0:t0 + T] = k
             v_cache[:, :, t0:t0 + T] = v
-            if t0:  # a decode step sees the cached positions too; a prefill has all it needs in k, v
-                k = k_cache[:, :, :t0 + T].to(q.dtype)  # (B, nh, t0 + T, hs)
-                v = v_cache[:, :, :t0 + T].to(q.dtype)
+            if decode:
+                k, v = k_cache[:, :, :t0 + T], v_cache[:, :, :t0 + T]  # (B, nh, t0 + T, hs)
+                q = q.to(k.dtype)
         # softmax(q k^T / sqrt(hs)) v (Vaswani et al. eq. 1); flash kernels on CUDA. Causal over T > 1
         # positions (training, or a prefill into an empty cache); a single new query may see every key.
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=T > 1)
+        # A decode step attends in the cache's dtype even under autocast: for one query that is a few small
+        # ops, and CPU bf16 attention kernels took 4x fp32's time (108 against 24 us, 6 heads x 200 keys).
+        with torch.autocast(x.device.type, enabled=False) if decode else nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -243,12 +248,10 @@ class KVCache:
 
     def __init__(self, model, batch_size):
         cfg, w = model.config, model.lm_head.weight
-        # under autocast the keys/values come out in the autocast dtype, else in the weights' dtype
-        dtype = (torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type)
-                 else w.dtype)
+        # in the weights' dtype, also under autocast: decode steps attend in it (see CausalSelfAttention)
         shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)  # (B, nh, block_size, hs)
-        self.k = [torch.empty(shape, dtype=dtype, device=w.device) for _ in range(cfg.n_layer)]
-        self.v = [torch.empty(shape, dtype=dtype, device=w.device) for _ in range(cfg.n_layer)]
+        self.k = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)]
+        self.v = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)]
         self.pos = 0  # positions filled: the next token fed goes to position pos
 
 

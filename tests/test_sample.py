@@ -133,3 +133,11 @@ def test_bf16_barely_changes_the_val_loss_and_greedy_text(trained, char_data):
     assert same.shape == (8,) and (same == 20).sum() >= 4  # most continuations agree for all 20 tokens
     with pytest.raises(UserError, match="use_cache must be"):
         bench_sample(BenchSampleConfig(out_dir=out_dir, use_cache='maybe', device='cpu'))
+
+
+def test_the_sampling_benchmark_times_each_path_of_a_model_shape():
+    results = bench_sample(BenchSampleConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, max_new_tokens=20,
+                                             repeats=2, dtypes='float32,bfloat16', device='cpu'))
+    # the cached path in each dtype, and the classic loop in fp32 only (its baseline)
+    assert set(results) == {(True, 'float32'), (True, 'bfloat16'), (False, 'float32')}
+    assert all(tps > 0 for tps in results.values())
