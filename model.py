@@ -458,7 +458,7 @@ class GPT(nn.Module):
                 cache.pos = 0
                 # in the weights' dtype even under autocast: a prefill multiplies matrices, where bf16 only pays
                 # on hardware with bf16 units; decode steps multiply vectors, bound by reading the weights,
-                # which bf16 halves everywhere (the keys and values are stored in the cache's dtype either way)
+                # which bf16 halves everywhere
                 with torch.autocast(idx.device.type, enabled=False):
                     logits, _ = self(seq[:, max(0, n - context):n], cache=cache)
             else:

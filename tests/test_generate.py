@@ -139,7 +139,6 @@ def test_the_cache_holds_the_weights_dtype_also_under_autocast():
     assert KVCache(model.to(torch.bfloat16), 1).k[0].dtype == torch.bfloat16
 
 
-
 def test_under_bf16_autocast_prefills_run_in_fp32_and_decode_steps_in_bf16():
     """A prefill multiplies matrices (slow in bf16 on CPUs without bf16 units), a decode step vectors."""
     model = tiny()
