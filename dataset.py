@@ -1,0 +1,99 @@
+"""
+A dataset prepared by data/<name>/prepare.py: train.bin and val.bin (uint16 token ids, no header) and
+meta.json (the vocabulary spec). The bins are memory-mapped, never loaded whole.
+
+Batches are a function of (seed, split, index) only: a run sees the same data whatever the number of
+processes, and a resumed run the same data as one that never stopped.
+"""
+
+import itertools
+import json
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from errors import UserError
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
+
+
+def open_dataset(dataset, data_dir='', block_size=1):
+    """The dataset's vocabulary spec and its splits {'train': ..., 'val': ...} as read-only memmaps.
+    data_dir overrides data/<dataset>; each split must hold more than block_size tokens."""
+    data_dir = data_dir or os.path.join(DATA, dataset)
+    prepare = os.path.join('data', dataset, 'prepare.py')
+    meta_path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(meta_path):
+        raise UserError(f"dataset '{dataset}' not found in {data_dir}: run `python {prepare}` first")
+    with open(meta_path) as f:
+        vocab = json.load(f)['vocab']
+    splits = {}
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f'{split}.bin')
+        if not os.path.isfile(path):
+            raise UserError(f"{path} is missing: run `python {prepare}` again")
+        data = np.memmap(path, dtype=np.uint16, mode='r') if os.path.getsize(path) else np.zeros(0, np.uint16)
+        if len(data) <= block_size:
+            raise UserError(f"the {split} split of '{dataset}' has {len(data)} tokens, too few for "
+                            f"block_size {block_size}: use a smaller --block_size or more text")
+        splits[split] = data
+    return vocab, splits
+
+
+def batch_seed(seed, split, index):
+    """The generator seed of one batch: a function of (seed, split, index) only."""
+    return (seed * 4 + {'train': 0, 'val': 1, 'eval_train': 2, 'eval_val': 3}[split]) * 2**32 + index
+
+
+def get_windows(data, offsets, block_size, device='cpu'):
+    """Inputs x and targets y (len(offsets), block_size) of the windows of `data` starting at `offsets`."""
+    w = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in offsets]).astype(np.int64))
+    x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()  # y is x shifted by one: each position predicts the next
+    if device.startswith('cuda'):
+        # pinned host memory lets the copy run asynchronously while the GPU works
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def get_batch(data, block_size, batch_size, seed, rows=None, device='cpu'):
+    """x, y (B, block_size) from random windows of `data`, drawn from torch.Generator(seed); `rows`
+    picks a slice of them (one process's micro-batch of a step's global batch)."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.randint(len(data) - block_size, (batch_size,), generator=g).tolist()
+    if rows is not None:
+        offsets = offsets[rows]
+    return get_windows(data, offsets, block_size, device)
+
+
+def train_batches(data, cfg, start_step=0, rank=0, world_size=1, device='cpu'):
+    """This process's micro-batches, in order, from step start_step on. A step's global batch is
+    gradient_accumulation_steps x batch_size windows; process `rank` takes its consecutive share of
+    micro-batches, so that 2 processes x 2 micro-steps see what 1 process x 4 micro-steps sees."""
+    local_accum = cfg.gradient_accumulation_steps // world_size
+    global_rows = cfg.gradient_accumulation_steps * cfg.batch_size
+    for step in itertools.count(start_step):
+        for micro in range(local_accum):
+            first = (rank * local_accum + micro) * cfg.batch_size
+            yield get_batch(data, cfg.block_size, global_rows, batch_seed(cfg.seed, 'train', step),
+                            rows=slice(first, first + cfg.batch_size), device=device)
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, eval_iters, batch_size, block_size, seed, device='cpu', ctx=None):
+    """Mean loss over eval_iters random batches per split: an estimate, quick enough to run during
+    training. The batches are the same at every call, so two estimates differ only by the model."""
+    out = {}
+    was_training = model.training
+    model.eval()
+    for split, data in splits.items():
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            x, y = get_batch(data, block_size, batch_size, batch_seed(seed, 'eval_' + split, k), device=device)
+            with ctx or nullcontext():
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train(was_training)
+    return out

@@ -1,0 +1,149 @@
+"""
+The device a script runs on: turning device/dtype/compile 'auto' into what this machine supports,
+mixed precision (autocast), TF32 and threads, and the peak FLOP/s that MFU is measured against.
+
+Every script calls setup() once and reads what it needs from the result:
+
+    dev = setup(cfg.device, cfg.dtype, cfg.compile)
+    with dev.autocast:
+        logits, loss = model(x, y)
+"""
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from errors import UserError
+
+
+def resolve_device(device):
+    """'auto' picks cuda, then Apple's mps, then cpu."""
+    if device == 'auto':
+        if torch.cuda.is_available():
+            return 'cuda'
+        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+            return 'mps'
+        return 'cpu'
+    device_type = device.split(':')[0]
+    if device_type not in ('cuda', 'mps', 'cpu'):
+        raise UserError(f"unknown device '{device}' (use auto, cpu, cuda, cuda:N or mps)")
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' asked for, but CUDA is not available (try --device=cpu)")
+    if device_type == 'mps' and not torch.backends.mps.is_available():
+        raise UserError(f"device '{device}' asked for, but mps is not available (try --device=cpu)")
+    return device
+
+
+def resolve_dtype(dtype, device):
+    """'auto': bf16 on CUDA that supports it, else fp16 on CUDA, else fp32. fp16 is refused off CUDA,
+    where there is no GradScaler to keep its small gradients from underflowing."""
+    device_type = device.split(':')[0]
+    if dtype == 'auto':
+        if device_type == 'cuda':
+            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        return 'float32'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise UserError(f"unknown dtype '{dtype}' (use auto, float32, bfloat16 or float16)")
+    if dtype == 'float16' and device_type != 'cuda':
+        raise UserError(f"dtype float16 needs CUDA; on {device_type} use --dtype=bfloat16 or float32")
+    return dtype
+
+
+def cpu_has_native_bf16(cpuinfo='/proc/cpuinfo'):
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX, read from the flags in Linux's
+    /proc/cpuinfo; False elsewhere). Without it a bf16 matmul converts to fp32 as it goes."""
+    if torch.backends.cpu.get_cpu_capability() != 'AVX512':  # the kernels PyTorch picked for this CPU
+        return False
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+    except OSError:
+        return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
+def resolve_sample_dtype(dtype, device, batch_size=1):
+    """dtype for generation. A decode step reads every weight for only batch_size rows, so it is bound
+    by memory bandwidth, and bf16 weights halve the bytes (prefills stay in fp32: see generation.py).
+    'auto' is bf16 where that is faster, else fp32: on CUDA with bf16; on CPUs with native bf16; and on
+    x86 CPUs with AVX2 or AVX-512 for a few rows, whose bf16 matrix-vector kernels convert to fp32 as
+    they read, while a bf16 matrix product of many rows takes a slow path without bf16 units
+    (docs/sampling.md has the measurements). Other values as in resolve_dtype."""
+    if dtype != 'auto':
+        return resolve_dtype(dtype, device)
+    device_type = device.split(':')[0]
+    if device_type == 'cuda':
+        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float32'
+    if device_type == 'cpu' and (cpu_has_native_bf16() or batch_size <= 4 and
+                                 torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512')):
+        return 'bfloat16'
+    return 'float32'
+
+
+def resolve_compile(compile, device):
+    """'auto' compiles on CUDA only: on CPU and mps compiling costs more time than it saves
+    for the small models trained there."""
+    if compile == 'auto':
+        return device.split(':')[0] == 'cuda'
+    if not isinstance(compile, bool):
+        raise UserError(f"compile must be True, False or 'auto', got {compile!r}")
+    return compile
+
+
+def autocast_context(device, dtype):
+    """Mixed precision for the forward pass: weights stay fp32, matmuls run in dtype."""
+    if dtype == 'float32':
+        return nullcontext()
+    return torch.autocast(device_type=device.split(':')[0], dtype=getattr(torch, dtype))
+
+
+@dataclass
+class Device:
+    device: str  # 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype: str  # 'float32', 'bfloat16' or 'float16': what autocast computes matmuls in
+    compile: bool  # whether to torch.compile the model
+    autocast: object  # a reusable context manager: `with dev.autocast:` around forward passes
+
+    @property
+    def type(self):
+        return self.device.split(':')[0]
+
+
+def setup(device='auto', dtype='auto', compile=False, sample_rows=None, threads=0):
+    """Resolve device, dtype and compile, and set up the process for them. sample_rows: the dtype is
+    chosen for generating that many rows at once (resolve_sample_dtype) rather than for training.
+    threads: PyTorch's CPU threads (0 keeps its default, one per core)."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device) if sample_rows is None else resolve_sample_dtype(dtype, device, sample_rows)
+    if device.startswith('cuda'):
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores, 10-bit mantissa
+        torch.backends.cudnn.allow_tf32 = True
+    if threads:
+        torch.set_num_threads(threads)
+    return Device(device, dtype, resolve_compile(compile, device), autocast_context(device, dtype))
+
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets, to turn FLOP/s into MFU.
+GPU_PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10': 125e12,
+                  'RTX 4090': 165e12, 'RTX 3090': 71e12, 'V100': 125e12, 'T4': 65e12}
+
+
+def peak_flops(device, dtype='float32'):
+    """The FLOP/s that MFU is measured against: the data-sheet peak of a known GPU (A100 if unknown),
+    or on CPU and mps a quick measurement of this machine's own matmul throughput (~0.2 s)."""
+    device_type = device.split(':')[0]
+    if device_type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 312e12)
+    n = 1024
+    tdtype = getattr(torch, dtype)
+    a = torch.full((n, n), 0.5, device=device, dtype=tdtype)  # not randn: that would move the global RNG
+    b = torch.full((n, n), 0.5, device=device, dtype=tdtype)
+    best = float('inf')
+    for _ in range(5):
+        t0 = time.perf_counter()
+        (a @ b).sum().item()  # .item() waits for the result
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
