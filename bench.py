@@ -10,8 +10,9 @@ device, and how close that is to the hardware's peak (MFU).
 It takes any training config (every train.py knob), builds the model from scratch, runs `bench_warmup`
 untimed steps (compilation, allocator, caches), then times `bench_iters` steps one by one, waiting for
 the device at the end of each, and reports the median. The step is train.train_step, the very function
-train.py runs, and batches come from train.get_batch: on a random token array by default (no dataset
-needed), or on the dataset's train split with real_data=True.
+train.py runs, the model and optimizer are built as train.py builds them, and batches come from the
+same iterator: on a random token array by default (no dataset needed), or on the dataset's train split
+with real_data=True.
 
 MFU (model FLOPs utilisation) divides the model's training FLOP/s (6N + attention, model.flops_per_token)
 by the device's peak: a GPU's data-sheet bf16 peak, or on CPU and mps the matmul FLOP/s measured here
@@ -26,9 +27,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from configurator import autocast_context, cli, peak_flops, print_config, resolve_compile, resolve_device, resolve_dtype
-from model import GPT, GPTConfig
-from train import MODEL_KEYS, TrainConfig, batch_seed, check_config, get_batch, open_dataset, train_step
+from checkpoint import init_model
+from configurator import cli, print_config
+from dataset import open_dataset, train_batches
+from device import peak_flops, setup
+from errors import UserError
+from optimizers import configure_optimizers
+from tokenizer import Tokenizer
+from train import TrainConfig, check_config, train_step
 
 
 @dataclass
@@ -44,45 +50,34 @@ class BenchConfig(TrainConfig):
 
 def main(cfg):
     check_config(cfg)
+    if cfg.init_from != 'scratch':
+        raise UserError("bench.py times a model built from scratch: leave init_from at 'scratch'")
     print_config(cfg)
-    device = resolve_device(cfg.device)
-    device_type = device.split(':')[0]
-    dtype = resolve_dtype(cfg.dtype, device)
-    ctx = autocast_context(device, dtype)
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    dev = setup(cfg.device, cfg.dtype, cfg.compile)
+    device, device_type, dtype = dev.device, dev.type, dev.dtype
     torch.manual_seed(cfg.seed)
 
     if cfg.real_data:
-        from tokenizer import Tokenizer
-        vocab, splits = open_dataset(cfg)
+        vocab, splits = open_dataset(cfg.dataset, cfg.data_dir, cfg.block_size)
         data, vocab_size = splits['train'], Tokenizer(vocab).vocab_size
     else:
         vocab_size = cfg.vocab_size
         data = np.random.default_rng(cfg.seed).integers(0, vocab_size, 2**20, dtype=np.uint16)  # 1M tokens
-    model = GPT(GPTConfig(**{key: getattr(cfg, key) for key in MODEL_KEYS}, vocab_size=vocab_size)).to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
-                                           cfg.optimizer, cfg.muon_lr, cfg.muon_momentum)
+    raw_model, _ = init_model(cfg, None, vocab_size, verbose=False)
+    model = raw_model.to(device)
+    optimizer = configure_optimizers(model, cfg, device_type)
     for group in optimizer.param_groups:
         group['lr'] = cfg.learning_rate * group.get('lr_scale', 1.0)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-    raw_model = model
-    if resolve_compile(cfg.compile, device):
+    if dev.compile:
         model = torch.compile(model)
 
     accum, B, T = cfg.gradient_accumulation_steps, cfg.batch_size, cfg.block_size
     tokens_per_iter = accum * B * T
-    step = 0
-
-    def next_batch(m):  # micro-batch m after the current step's first, as in train.py
-        index = step * accum + m
-        return get_batch(data, T, B, batch_seed(cfg.seed, 'train', index), device=device)
+    batches = train_batches(data, cfg, device=device)
 
     def run_step():
-        nonlocal X, Y, step
-        loss, X, Y = train_step(model, optimizer, scaler, ctx, X, Y, next_batch, accum, cfg.grad_clip)
-        step += 1
+        loss = train_step(model, optimizer, scaler, dev.autocast, batches, accum, cfg.grad_clip)
         return loss.item()  # waits for the device: the step is really done when the clock is read
 
     peaks = {'float32': peak_flops(device, 'float32')} if device_type in ('cpu', 'mps') else {}
@@ -94,7 +89,6 @@ def main(cfg):
     print("peak: " + (', '.join(f"{k} {v / 1e9:,.0f} GFLOP/s (measured)" for k, v in peaks.items())
                       or f"{peak / 1e12:,.0f} TFLOP/s (data sheet)"))
 
-    X, Y = next_batch(0)
     t0 = time.perf_counter()
     for _ in range(cfg.bench_warmup):
         run_step()
@@ -106,7 +100,7 @@ def main(cfg):
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
     result = {'ms_per_iter': dt * 1000, 'tokens_per_s': tokens_per_iter / dt,
-              'mfu': raw_model.estimate_mfu(tokens_per_iter, dt, peak), 'peak_flops': peak,
+              'mfu': raw_model.flops_per_token() * tokens_per_iter / dt / peak, 'peak_flops': peak,
               'tokens_per_iter': tokens_per_iter, 'times': times, 'loss': losses[-1]}
     print(f"{cfg.bench_iters} steps: median {dt * 1000:.2f} ms/iter (min {min(times) * 1000:.2f}, "
           f"max {max(times) * 1000:.2f}), {result['tokens_per_s']:,.0f} tokens/s, MFU {100 * result['mfu']:.1f}%, "

@@ -12,17 +12,18 @@ fp32, and how many greedy continuations of prompts taken from the val text agree
     python bench_sample.py --mode=bf16 --out_dir=out-shakespeare-char-cpu --data_dir=data/shakespeare_char
 """
 
-import os
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import UserError, autocast_context, cli, resolve_device, resolve_sample_dtype
+from checkpoint import load_model
+from configurator import cli
+from dataset import estimate_loss, open_dataset
+from device import autocast_context, resolve_sample_dtype, setup
+from errors import UserError
+from generation import generate
 from model import GPT, GPTConfig
-from train import estimate_loss, open_dataset
 
 
 @dataclass
@@ -64,7 +65,7 @@ def time_generate(model, idx, cfg, device, use_cache, dtype, n):
     g = torch.Generator(device).manual_seed(cfg.seed)
     with torch.no_grad(), autocast_context(device, dtype):
         t0 = time.perf_counter()
-        out = model.generate(idx, n, use_cache=use_cache, generator=g)
+        out = generate(model, idx, n, use_cache=use_cache, generator=g)
         out[0, -1].item()  # waits for the device, so the clock is honest
         return time.perf_counter() - t0
 
@@ -106,14 +107,13 @@ def speed(cfg, model, device):
 def bf16_check(cfg, model, vocab, device):
     if min(cfg.eval_iters, cfg.n_prompts, cfg.greedy_prompt_len, cfg.greedy_tokens) < 1:
         raise UserError("eval_iters, n_prompts, greedy_prompt_len and greedy_tokens must be positive")
-    data = SimpleNamespace(data_dir=cfg.data_dir, dataset=cfg.dataset, block_size=model.config.block_size)
-    data_vocab, splits = open_dataset(data)
+    data_vocab, splits = open_dataset(cfg.dataset, cfg.data_dir, model.config.block_size)
     if data_vocab != vocab:
         raise UserError(f"the checkpoint was trained on another vocabulary than {cfg.data_dir or cfg.dataset}")
     val = splits['val']
     # the val loss as train.py estimates it: the mean over eval_iters fixed random batches
-    ev = SimpleNamespace(eval_iters=cfg.eval_iters, batch_size=64, block_size=model.config.block_size, seed=cfg.seed)
-    loss = {dtype: estimate_loss(model, {'val': val}, ev, device, autocast_context(device, dtype))['val']
+    loss = {dtype: estimate_loss(model, {'val': val}, cfg.eval_iters, 64, model.config.block_size, cfg.seed,
+                                 device, autocast_context(device, dtype))['val']
             for dtype in ('float32', 'bfloat16')}
     model.eval()
     print(f"val loss over {cfg.eval_iters} x 64 windows of {model.config.block_size}: float32 {loss['float32']:.5f}, "
@@ -126,7 +126,7 @@ def bf16_check(cfg, model, vocab, device):
     out = {}
     for dtype in ('float32', 'bfloat16'):
         with torch.no_grad(), autocast_context(device, dtype):
-            out[dtype] = model.generate(prompts, cfg.greedy_tokens, temperature=0.0)[:, L:]
+            out[dtype] = generate(model, prompts, cfg.greedy_tokens, temperature=0.0)[:, L:]
     same = (out['float32'] == out['bfloat16']).int().cumprod(dim=1).sum(dim=1)  # leading tokens that agree
     print(f"greedy continuations of {cfg.n_prompts} val prompts of {L} tokens: "
           f"{(same == cfg.greedy_tokens).sum().item()} of {cfg.n_prompts} agree for all {cfg.greedy_tokens} tokens; "
@@ -137,14 +137,12 @@ def bf16_check(cfg, model, vocab, device):
 def main(cfg):
     if cfg.mode not in ('speed', 'bf16'):
         raise UserError(f"mode must be 'speed' or 'bf16', got {cfg.mode!r}")
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)  # on a shared machine, fewer threads than cores wait less for each other
+    # threads: on a shared machine, fewer threads than cores wait less for each other
+    device = setup(cfg.device, threads=cfg.threads).device
     torch.manual_seed(cfg.seed)
     if cfg.out_dir:
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt))
-        model, vocab = model_from_checkpoint(ckpt, dropout=0.0), ckpt['vocab']
-        del ckpt
+        model, tokenizer, _ = load_model('resume', cfg.out_dir, cfg.ckpt)
+        vocab = tokenizer.spec
     elif cfg.mode == 'bf16':
         raise UserError("mode=bf16 needs a trained model: give --out_dir (and --data_dir)")
     else:

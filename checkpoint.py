@@ -1,5 +1,5 @@
 """
-Checkpoints: one place that writes them and one that turns them back into a model.
+Checkpoints: the format, written crash-safely, read safely, and turned back into a model or a run.
 
 A checkpoint is one dict of plain tensors and Python types (so it loads with weights_only=True, which
 cannot run code hidden in a file someone sent you):
@@ -19,14 +19,21 @@ names hold at most three distinct files (plus the one being written).
 """
 
 import os
+import random
 import shutil
+from dataclasses import asdict, fields
 
+import numpy as np
 import torch
 
-from configurator import UserError
-from model import GPT, GPTConfig
+from errors import UserError
+from hf import from_pretrained
+from model import GPT, MODERN_SWITCHES, GPTConfig
+from tokenizer import GPT2_VOCAB, Tokenizer
 
 FORMAT_VERSION = 1
+# the GPTConfig fields a training config sets (vocab_size comes from the dataset)
+MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != 'vocab_size')
 
 
 def _fsync_dir(path):
@@ -105,3 +112,99 @@ def model_from_checkpoint(ckpt, dropout=None):
     except RuntimeError as e:
         raise UserError(f"checkpoint weights do not fit its model_args ({' '.join(str(e).split())[:300]})") from None
     return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# a training run's state: what a resume needs to continue exactly
+
+def recorded_model_args(config):
+    """The GPTConfig fields a checkpoint records: all, less the modern switches left at GPT-2's
+    setting, so that a GPT-2 run's model_args read as they always did."""
+    return {k: v for k, v in asdict(config).items()
+            if k not in MODERN_SWITCHES or v != getattr(GPTConfig, k)}
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {'python': random.getstate(), 'torch': torch.get_rng_state(),
+            'numpy': [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state['python']))
+    torch.set_rng_state(state['torch'])
+    name, keys, *rest = state['numpy']
+    np.random.set_state((name, keys.numpy(), *rest))
+    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def build_checkpoint(model, optimizer, scaler, cfg, iter_num, best_val_loss, vocab):
+    """The checkpoint dict of a run after iter_num steps; model is the raw (uncompiled, unwrapped) GPT."""
+    return {'format_version': FORMAT_VERSION, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'scaler': scaler.state_dict(), 'model_args': recorded_model_args(model.config),
+            'config': asdict(cfg), 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'vocab': vocab,
+            'rng': rng_state()}
+
+
+def restore_training(ckpt, optimizer, scaler):
+    """Put the optimizer, the gradient scaler and every random generator back as the checkpoint left them."""
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    set_rng_state(ckpt['rng'])
+
+
+def init_model(cfg, vocab, vocab_size, verbose=True):
+    """The model a training run starts from, on the CPU, and the checkpoint it resumes (else None):
+    cfg.init_from='scratch' (a new GPT of cfg's shape), 'resume' (out_dir/ckpt.pt, checked against
+    cfg), or a GPT-2 (OpenAI's name or a Hugging Face folder, its context cropped to cfg.block_size).
+    vocab is the dataset's spec (None for random tokens); vocab_size the model's embedding rows."""
+    say = print if verbose else (lambda *a, **k: None)
+    if cfg.init_from == 'scratch':
+        say(f"initialising a new model, vocab_size {vocab_size}")
+        return GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}, vocab_size=vocab_size)), None
+    if cfg.init_from == 'resume':
+        path = os.path.join(cfg.out_dir, 'ckpt.pt')
+        ckpt = load_checkpoint(path)
+        if ckpt['vocab'] != vocab:
+            raise UserError(f"{path} was trained with another vocabulary than dataset '{cfg.dataset}': "
+                            f"resume with --dataset={ckpt['config']['dataset']!r} (or its data_dir)")
+        # Compare with the run config the checkpoint was trained with, not its model_args: a run started
+        # from GPT-2 took its shape from the pretrained model, whatever n_layer etc. it was given.
+        defaults = type(cfg)()  # for keys older checkpoints did not have yet
+        for key in (*MODEL_KEYS[:-1], 'optimizer'):  # all but dropout, which may change
+            trained, asked = ckpt['config'].get(key, getattr(defaults, key)), getattr(cfg, key)
+            if trained != asked:
+                why = f" (it learned positions for {trained} tokens only)" if key == 'block_size' else ''
+                raise UserError(f"{path} has {key}={trained!r} but this run asks for {asked!r}{why}: "
+                                f"resume with --{key}={trained!r}")
+        if ckpt['iter_num'] >= cfg.max_iters and not cfg.eval_only:
+            raise UserError(f"{path} is at iter {ckpt['iter_num']}, max_iters is {cfg.max_iters}: nothing to "
+                            "train; raise --max_iters (or evaluate it with --eval_only=True)")
+        say(f"resuming from {path} at step {ckpt['iter_num']} (best val loss {ckpt['best_val_loss']:.4f})")
+        return model_from_checkpoint(ckpt, dropout=cfg.dropout), ckpt
+    if vocab != GPT2_VOCAB:
+        raise UserError(f"init_from={cfg.init_from!r} reads GPT-2's BPE, but dataset '{cfg.dataset}' has a "
+                        f"{vocab['kind']} vocabulary: use a GPT-2 BPE dataset such as shakespeare or openwebtext")
+    model = from_pretrained(cfg.init_from, dropout=cfg.dropout)
+    if cfg.block_size > model.config.block_size:
+        raise UserError(f"{cfg.init_from} has {model.config.block_size} positions, fewer than block_size "
+                        f"{cfg.block_size}: use --block_size={model.config.block_size} or less")
+    if model.config.vocab_size < vocab_size:
+        raise UserError(f"{cfg.init_from} has {model.config.vocab_size} token embeddings, fewer than GPT-2's "
+                        f"{vocab_size}: it is not a GPT-2 BPE model")
+    model.crop_block_size(cfg.block_size)
+    say(f"initialising from OpenAI's GPT-2 weights: {cfg.init_from}, {model.get_num_params() / 1e6:.2f}M "
+        f"parameters, block_size {cfg.block_size}")
+    return model, None
+
+
+def load_model(init_from='resume', out_dir='out', ckpt_name='best.pt'):
+    """A model to sample or evaluate, in eval mode without dropout, on the CPU, in fp32, with its
+    tokenizer and its checkpoint dict: from out_dir/ckpt_name (init_from='resume'; an absolute
+    ckpt_name reads one from elsewhere), or OpenAI's GPT-2 / a Hugging Face folder (checkpoint None)."""
+    if init_from == 'resume':
+        ckpt = load_checkpoint(os.path.join(out_dir, ckpt_name))
+        return model_from_checkpoint(ckpt, dropout=0.0).eval(), Tokenizer(ckpt['vocab']), ckpt
+    return from_pretrained(init_from, dropout=0.0).eval(), Tokenizer(GPT2_VOCAB), None

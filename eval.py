@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import UserError, autocast_context, cli, resolve_device, resolve_dtype
-from model import GPT
-from tokenizer import GPT2_VOCAB, Tokenizer
-from train import get_windows, open_dataset
+from checkpoint import load_model
+from configurator import cli
+from dataset import get_windows, open_dataset
+from device import setup
+from errors import UserError
+from generation import generate
 
 
 @dataclass
@@ -176,8 +177,8 @@ def generate_continuations(model, prompts, cfg, device, ctx):
     for i in range(0, len(prompts), cfg.batch_size):
         idx = torch.from_numpy(prompts[i:i + cfg.batch_size]).to(device)
         with ctx:
-            y = model.generate(idx, cfg.bleu_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                               generator=generator)
+            y = generate(model, idx, cfg.bleu_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                         generator=generator)
         out += y[:, idx.size(1):].tolist()
         bar.update(len(idx))
     bar.close()
@@ -185,17 +186,6 @@ def generate_continuations(model, prompts, cfg, device, ctx):
 
 
 # ----------------------------------------------------------------------------------------------------
-
-def load_model(cfg):
-    """The model, the vocabulary it was trained with, a name for it, and the dataset it was trained on."""
-    if cfg.init_from == 'resume':
-        path = os.path.join(cfg.out_dir, cfg.ckpt)
-        ckpt = load_checkpoint(path)
-        trained_on = {k: ckpt['config'].get(k, '') for k in ('dataset', 'data_dir')}
-        return model_from_checkpoint(ckpt, dropout=0.0), ckpt['vocab'], path, trained_on
-    model = GPT.from_pretrained(cfg.init_from)  # OpenAI's GPT-2 weights, or a local Hugging Face folder
-    return model, GPT2_VOCAB, cfg.init_from, {'dataset': '', 'data_dir': ''}
-
 
 def describe(vocab):
     return f"{len(vocab['chars'])} characters" if vocab['kind'] == 'char' else f"BPE {vocab.get('encoding')}"
@@ -213,12 +203,13 @@ def main(cfg):
     check_config(cfg)
     if cfg.bleu_samples:
         import_sacrebleu()  # fail now rather than after the whole split
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    ctx = autocast_context(device, dtype)
+    dev = setup(cfg.device, cfg.dtype)
+    device, dtype, ctx = dev.device, dev.dtype, dev.autocast
 
-    model, model_vocab, name, trained_on = load_model(cfg)
-    model.eval().to(device)
+    model, tokenizer, ckpt = load_model(cfg.init_from, cfg.out_dir, cfg.ckpt)
+    model.to(device)
+    name = os.path.join(cfg.out_dir, cfg.ckpt) if ckpt else cfg.init_from
+    trained_on = {k: ckpt['config'].get(k, '') if ckpt else '' for k in ('dataset', 'data_dir')}
     if cfg.block_size > model.config.block_size:
         raise UserError(f"block_size {cfg.block_size} is larger than the model's {model.config.block_size}, "
                         "which has no position embeddings beyond it: use --block_size=0 (the model's)")
@@ -232,11 +223,10 @@ def main(cfg):
     data_dir = cfg.data_dir or ('' if cfg.dataset else trained_on['data_dir'])
     cfg = replace(cfg, dataset=dataset, data_dir=data_dir, block_size=block_size, stride=stride, device=device,
                   dtype=dtype)  # resolved, as the JSON records them
-    vocab, splits = open_dataset(cfg)
-    if vocab != model_vocab:
-        raise UserError(f"{name} was trained with another vocabulary ({describe(model_vocab)}) than dataset "
+    vocab, splits = open_dataset(dataset, data_dir, block_size)
+    if vocab != tokenizer.spec:
+        raise UserError(f"{name} was trained with another vocabulary ({describe(tokenizer.spec)}) than dataset "
                         f"'{dataset}' ({describe(vocab)}): evaluate it on data tokenized as it was trained")
-    tokenizer = Tokenizer(vocab)
     data = splits[cfg.split][:cfg.max_tokens or None]
     if len(data) <= block_size:
         raise UserError(f"max_tokens {cfg.max_tokens} leaves too few tokens for one window of "

@@ -12,9 +12,9 @@ files: for a GPT-2 BPE model use GPT-2's own tokenizer (tokenizer='gpt2'), as ab
 import os
 from dataclasses import dataclass
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_model
 from configurator import cli
-from tokenizer import Tokenizer
+from hf import export_hf
 
 
 @dataclass
@@ -25,11 +25,11 @@ class ExportConfig:
 
 
 def main(cfg):
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt))
-    model = model_from_checkpoint(ckpt)
-    eot = Tokenizer(ckpt['vocab']).eot_token  # 50256 for GPT-2's BPE; None for a character vocabulary
+    model, tokenizer, ckpt = load_model('resume', cfg.out_dir, cfg.ckpt)
+    model.config.dropout = ckpt['model_args'].get('dropout', 0.0)  # recorded in config.json, as trained
     hf_dir = cfg.hf_dir or os.path.join(cfg.out_dir, 'hf')
-    model.export_hf(hf_dir, eos_token_id=eot)
+    # eos: 50256 for GPT-2's BPE; None for a character vocabulary
+    export_hf(model, hf_dir, eos_token_id=tokenizer.eot_token)
     print(f"wrote {hf_dir}: {model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, "
           f"vocabulary {ckpt['vocab']['kind']}; load it with transformers.GPT2LMHeadModel.from_pretrained('{hf_dir}')")
     return hf_dir

@@ -12,7 +12,8 @@ import argparse
 import json
 import os
 
-from configurator import UserError, cli
+from configurator import cli
+from errors import UserError
 
 
 def read_metrics(out_dir):

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import UserError, autocast_context, cli, resolve_compile, resolve_device, resolve_sample_dtype
-from model import GPT
-from tokenizer import GPT2_VOCAB, Tokenizer
+from checkpoint import load_model
+from configurator import cli
+from device import setup
+from errors import UserError
+from generation import generate_stream
 
 
 @dataclass
@@ -40,7 +41,7 @@ class SampleConfig:
     keep: int | None = None  # tokens of context the cache keeps when it fills up; None: block_size // 2
     seed: int = 1337  # sample i draws from a generator seeded with seed + i
     device: str = 'auto'
-    dtype: str = 'auto'  # 'auto': bf16 where decoding is faster in it (configurator.resolve_sample_dtype), else float32
+    dtype: str = 'auto'  # 'auto': bf16 where decoding is faster in it (device.resolve_sample_dtype), else float32
     compile: bool | str = False  # compiling rarely pays for itself for one sampling run
 
 
@@ -60,21 +61,13 @@ def main(cfg):
         raise UserError(f"top_k must be positive or None, got {cfg.top_k}")
     if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
         raise UserError(f"top_p must be in (0, 1] or None, got {cfg.top_p}")
-    device = resolve_device(cfg.device)
-    dtype = resolve_sample_dtype(cfg.dtype, device, cfg.num_samples)
-
-    if cfg.init_from == 'resume':
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt))
-        model = model_from_checkpoint(ckpt, dropout=0.0)
-        tokenizer = Tokenizer(ckpt['vocab'])
-        del ckpt
-    else:
-        model = GPT.from_pretrained(cfg.init_from, dropout=0.0)
-        tokenizer = Tokenizer(GPT2_VOCAB)
+    dev = setup(cfg.device, cfg.dtype, cfg.compile, sample_rows=cfg.num_samples)
+    device, dtype = dev.device, dev.dtype
+    model, tokenizer, _ = load_model(cfg.init_from, cfg.out_dir, cfg.ckpt)
     if cfg.keep is not None and not 1 <= cfg.keep <= model.config.block_size:
         raise UserError(f"keep must be between 1 and block_size {model.config.block_size}, got {cfg.keep}")
-    model.eval().to(device)
-    if resolve_compile(cfg.compile, device):
+    model.to(device)
+    if dev.compile:
         model = torch.compile(model)
 
     start = cfg.start
@@ -100,9 +93,9 @@ def main(cfg):
     # bf16 by autocast rather than model.to(torch.bfloat16): the prefills run on the fp32 weights
     # (generate_stream turns autocast off for them), autocast casts each weight to bf16 once for the whole
     # `with` block, not at every token, and LayerNorm, softmax and the residual stream stay in fp32.
-    with torch.no_grad(), autocast_context(device, dtype):
-        for step in model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                          use_cache=cfg.use_cache, keep=cfg.keep, generator=generators):
+    with torch.no_grad(), dev.autocast:
+        for step in generate_stream(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                    use_cache=cfg.use_cache, keep=cfg.keep, generator=generators):
             for row, token in zip(new, step.tolist()):
                 row.append(token)
             if not (streaming or cfg.stop):

@@ -7,7 +7,7 @@ can be sampled without the data folder it was trained on:
     {"kind": "tiktoken", "encoding": "r50k_base"}       a BPE from tiktoken (r50k_base is GPT-2's)
 """
 
-from configurator import UserError
+from errors import UserError
 
 GPT2_VOCAB = {'kind': 'tiktoken', 'encoding': 'r50k_base'}  # OpenAI's GPT-2 BPE, byte for byte
 

@@ -1,7 +1,7 @@
 """
 Train a GPT: from scratch, resumed from out_dir/ckpt.pt, or finetuned from OpenAI's GPT-2.
 
-CPU or one GPU (the device is picked automatically; see configurator.py):
+CPU or one GPU (the device is picked automatically; see device.py):
     python train.py config/train_shakespeare_char_cpu.py
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 Several GPUs on one node, with DistributedDataParallel:
@@ -24,22 +24,23 @@ at once, without saving, with status 2: the last checkpoint is the last good mod
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, FORMAT_VERSION
-from configurator import (UserError, autocast_context, cli, peak_flops, print_config, resolve_compile,
-                          resolve_device, resolve_dtype)
-from model import GPT, GPT2_NAMES, GPTConfig
-
-REPO = os.path.dirname(os.path.abspath(__file__))
+from checkpoint import build_checkpoint, init_model, restore_training, save_checkpoint
+from configurator import cli, print_config
+from dataset import estimate_loss, open_dataset, train_batches
+from device import peak_flops, resolve_device, setup
+from errors import UserError
+from hf import GPT2_NAMES
+from model import MODERN_SWITCHES
+from optimizers import configure_optimizers
+from tokenizer import Tokenizer
 
 
 @dataclass
@@ -101,17 +102,6 @@ class TrainConfig:
     compile: bool | str = 'auto'  # torch.compile the model: 'auto' = on CUDA only
 
 
-MODERN_KEYS = ('rotary', 'rmsnorm', 'qk_norm', 'relu2', 'tie_weights')
-MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', *MODERN_KEYS, 'dropout')
-
-
-def recorded_model_args(config):
-    """The GPTConfig fields a checkpoint records: all, less the modern switches left at GPT-2's setting,
-    so that a GPT-2 run's model_args read as they always did."""
-    gpt2 = GPTConfig()
-    return {k: v for k, v in asdict(config).items() if k not in MODERN_KEYS or v != getattr(gpt2, k)}
-
-
 def get_lr(it, cfg):
     """Learning rate of step `it` (0-based)."""
     if not cfg.decay_lr:
@@ -127,124 +117,70 @@ def get_lr(it, cfg):
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
-# ----------------------------------------------------------------------------------------------------
-# data
 
-def open_dataset(cfg):
-    """The dataset's vocabulary spec and its splits as read-only memmaps of uint16 token ids."""
-    import json
-    data_dir = cfg.data_dir or os.path.join(REPO, 'data', cfg.dataset)
-    prepare = os.path.join('data', cfg.dataset, 'prepare.py')
-    meta_path = os.path.join(data_dir, 'meta.json')
-    if not os.path.isfile(meta_path):
-        raise UserError(f"dataset '{cfg.dataset}' not found in {data_dir}: run `python {prepare}` first")
-    with open(meta_path) as f:
-        vocab = json.load(f)['vocab']
-    splits = {}
-    for split in ('train', 'val'):
-        path = os.path.join(data_dir, f'{split}.bin')
-        if not os.path.isfile(path):
-            raise UserError(f"{path} is missing: run `python {prepare}` again")
-        data = np.memmap(path, dtype=np.uint16, mode='r') if os.path.getsize(path) else np.zeros(0, np.uint16)
-        if len(data) <= cfg.block_size:
-            raise UserError(f"the {split} split of '{cfg.dataset}' has {len(data)} tokens, too few for "
-                            f"block_size {cfg.block_size}: use a smaller --block_size or more text")
-        splits[split] = data
-    return vocab, splits
-
-
-def batch_seed(seed, split, index):
-    """The generator seed of one batch: a function of (seed, split, index) only, so the data a step
-    sees does not depend on how many processes share it, nor on whether the run was resumed."""
-    return (seed * 4 + {'train': 0, 'val': 1, 'eval_train': 2, 'eval_val': 3}[split]) * 2**32 + index
-
-
-def get_batch(data, block_size, batch_size, seed, rows=None, device='cpu'):
-    """Inputs x and targets y (B, block_size) from random windows of `data`. The windows are drawn
-    from torch.Generator(seed); `rows` picks a slice of them (a process's share of a step)."""
-    g = torch.Generator().manual_seed(seed)
-    offsets = torch.randint(len(data) - block_size, (batch_size,), generator=g).tolist()
-    if rows is not None:
-        offsets = offsets[rows]
-    return get_windows(data, offsets, block_size, device)
-
-
-def get_windows(data, offsets, block_size, device='cpu'):
-    """Inputs x and targets y (len(offsets), block_size) of the windows of `data` starting at `offsets`
-    (random ones in training, evaluation's sliding ones in eval.py)."""
-    w = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in offsets]).astype(np.int64))
-    x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()  # y is x shifted by one: each position predicts the next
-    if device.startswith('cuda'):
-        # pinned host memory lets the copy run asynchronously while the GPU works
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-@torch.no_grad()
-def estimate_loss(model, splits, cfg, device, ctx):
-    """Mean loss over eval_iters batches per split. The batches are the same at every evaluation, so
-    two evaluations differ only by the model."""
-    out = {}
-    model.eval()
-    for split, data in splits.items():
-        losses = torch.zeros(cfg.eval_iters)
-        for k in range(cfg.eval_iters):
-            X, Y = get_batch(data, cfg.block_size, cfg.batch_size, batch_seed(cfg.seed, 'eval_' + split, k),
-                             device=device)
-            with ctx:
-                _, loss = model(X, Y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
-    model.train()
-    return out
-
-
-def train_step(model, optimizer, scaler, ctx, X, Y, next_batch, accum, grad_clip, ddp=False):
-    """One optimizer step over `accum` micro-batches, the first being (X, Y); next_batch(m) gives the m-th
-    micro-batch after it. Returns the step's mean loss (a tensor: reading it would wait for the device)
-    and the next step's first micro-batch. bench.py times this same function."""
-    loss_sum = torch.zeros((), device=X.device)
+def train_step(model, optimizer, scaler, ctx, batches, accum, grad_clip, ddp=False):
+    """One optimizer step over the next `accum` micro-batches of the iterator `batches`. Returns the
+    step's mean loss, as a tensor (reading it would wait for the device). bench.py times this function."""
+    loss_sum = None
     for micro in range(accum):
+        # On a GPU every op below only queues work, so reading the next batch from disk here overlaps
+        # with the device still computing the previous micro-step.
+        X, Y = next(batches)
         if ddp:
             # DDP all-reduces gradients in backward; only the last micro-step needs it, the
             # earlier ones just add into .grad locally
             model.require_backward_grad_sync = micro == accum - 1
         with ctx:
             _, loss = model(X, Y)
-            # the gradient of the step is that of the mean loss over all micro-steps
-            loss = loss / accum
-        # fetch the next micro-batch on the CPU while the device runs the forward pass
-        X, Y = next_batch(micro + 1)
+            loss = loss / accum  # the gradient of the step is that of the mean loss over all micro-steps
         scaler.scale(loss).backward()
-        loss_sum += loss.detach()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)  # frees the gradients' memory until the next backward
-    return loss_sum, X, Y
+    return loss_sum
 
 
-# ----------------------------------------------------------------------------------------------------
-# metrics log
+class MetricsLog:
+    """out_dir/metrics.jsonl, one JSON object per line, and Weights & Biases if asked for. A resumed run
+    keeps the rows up to the step it resumes from and drops later ones, which it is about to redo."""
 
-def open_metrics(out_dir, start_iter):
-    """out_dir/metrics.jsonl for appending, one JSON object per line. A resumed run keeps the rows up
-    to the step it resumes from and drops later ones, which it is about to redo."""
-    path = os.path.join(out_dir, 'metrics.jsonl')
-    os.makedirs(out_dir, exist_ok=True)
-    if start_iter == 0:
-        return open(path, 'w')  # a new run, a new log
-    if os.path.isfile(path):
-        with open(path) as f:
-            lines = [line for line in f if line.strip()]
-        keep = [line for line in lines if json.loads(line)['iter'] <= start_iter]
-        if len(keep) < len(lines):
-            with open(path + '.tmp', 'w') as f:
-                f.writelines(keep)
-            os.replace(path + '.tmp', path)
-    return open(path, 'a')
+    def __init__(self, cfg, start_iter, tokens_per_iter):
+        self.tokens_per_iter = tokens_per_iter
+        path = os.path.join(cfg.out_dir, 'metrics.jsonl')
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if start_iter > 0 and os.path.isfile(path):
+            with open(path) as f:
+                lines = [line for line in f if line.strip()]
+            keep = [line for line in lines if json.loads(line)['iter'] <= start_iter]
+            if len(keep) < len(lines):
+                with open(path + '.tmp', 'w') as f:
+                    f.writelines(keep)
+                os.replace(path + '.tmp', path)
+        self.file = open(path, 'w' if start_iter == 0 else 'a')  # a new run, a new log
+        self.wandb = None
+        if cfg.wandb_log:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("wandb_log=True needs Weights & Biases: pip install wandb") from None
+            self.wandb = wandb
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
+
+    def log(self, iter_num, **row):
+        row = {'iter': iter_num, 'tokens': iter_num * self.tokens_per_iter, **row, 'time': round(time.time(), 3)}
+        self.file.write(json.dumps(row) + '\n')
+        self.file.flush()
+        if self.wandb:
+            self.wandb.log(row, step=iter_num)
+
+    def close(self):
+        self.file.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def format_duration(seconds):
@@ -252,28 +188,6 @@ def format_duration(seconds):
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
-
-# ----------------------------------------------------------------------------------------------------
-# random state, for exact resume
-
-def rng_state():
-    np_state = np.random.get_state()
-    return {'python': random.getstate(), 'torch': torch.get_rng_state(),
-            'numpy': [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state['python']))
-    torch.set_rng_state(state['torch'])
-    name, keys, *rest = state['numpy']
-    np.random.set_state((name, keys.numpy(), *rest))
-    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-# ----------------------------------------------------------------------------------------------------
-# stopping early: on a signal, or when the loss is no longer a number
 
 @contextmanager
 def stop_signals():
@@ -308,8 +222,6 @@ def step_verdict(loss_sum, signum, world_size):
     return not not_finite, int(signum)
 
 
-# ----------------------------------------------------------------------------------------------------
-
 def check_config(cfg):
     for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size',
                 'block_size', 'n_layer', 'n_head', 'n_embd'):
@@ -324,10 +236,10 @@ def check_config(cfg):
         raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.init_from not in ('scratch', 'resume') and (cfg.rotary or cfg.rmsnorm or cfg.qk_norm or cfg.relu2
-                                                       or not cfg.tie_weights):
-        raise UserError(f"init_from={cfg.init_from!r} loads GPT-2's architecture: leave rotary, rmsnorm, qk_norm, "
-                        "relu2 and tie_weights at their defaults")
+    changed = [k for k in MODERN_SWITCHES if getattr(cfg, k) != getattr(TrainConfig, k)]
+    if cfg.init_from not in ('scratch', 'resume') and changed:
+        raise UserError(f"init_from={cfg.init_from!r} loads GPT-2's architecture: leave {', '.join(changed)} "
+                        "at the default")
     if cfg.optimizer not in ('adamw', 'muon'):
         raise UserError(f"optimizer must be 'adamw' or 'muon', got {cfg.optimizer!r}")
     if cfg.init_from not in ('scratch', 'resume', *GPT2_NAMES) and not os.path.isdir(cfg.init_from):
@@ -335,163 +247,72 @@ def check_config(cfg):
                         f"Hugging Face GPT-2 folder, got {cfg.init_from!r}")
 
 
+
 def main(cfg):
     check_config(cfg)
     # Under torchrun every process runs this; RANK is set by torchrun, LOCAL_RANK picks the GPU.
     ddp = 'RANK' in os.environ
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in
+                                    (('RANK', 0), ('LOCAL_RANK', 0), ('WORLD_SIZE', 1)))
+    device = resolve_device(cfg.device)
+    if ddp and device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    dev = setup(device, cfg.dtype, cfg.compile)
     if ddp:
-        import torch.distributed as dist
-        rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
-        device = resolve_device(cfg.device)
-        if device.startswith('cuda'):
-            device = f'cuda:{local_rank}'
-            torch.cuda.set_device(device)
-        backend = cfg.backend if cfg.backend != 'auto' else ('nccl' if device.startswith('cuda') else 'gloo')
-        dist.init_process_group(backend=backend)
+        backend = cfg.backend if cfg.backend != 'auto' else ('nccl' if dev.type == 'cuda' else 'gloo')
+        torch.distributed.init_process_group(backend=backend)
+    try:
         if cfg.gradient_accumulation_steps % world_size:
-            dist.destroy_process_group()
             raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be "
                             f"divisible by the number of processes ({world_size})")
-    else:
-        rank, world_size = 0, 1
-        device = resolve_device(cfg.device)
-    master = rank == 0
-    try:
         with stop_signals() as received:  # SIGINT, SIGTERM: stop after the current step (see the docstring)
-            return train(cfg, device, rank, world_size, master, received)
+            return train(cfg, dev, rank, world_size, received)
     finally:
         if ddp:
-            dist.destroy_process_group()
+            torch.distributed.destroy_process_group()
 
 
-def train(cfg, device, rank, world_size, master, received):
+def train(cfg, dev, rank, world_size, received):
     t_launch = time.perf_counter()
-    if master:
-        print_config(cfg)
-    device_type = device.split(':')[0]
-    dtype = resolve_dtype(cfg.dtype, device)
-    use_compile = resolve_compile(cfg.compile, device)
-    ctx = autocast_context(device, dtype)
-    local_accum = cfg.gradient_accumulation_steps // world_size
+    master = rank == 0  # the process that prints, logs and saves
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
-        print(f"device {device}, dtype {dtype}, compile {use_compile}, {world_size} process(es); "
+        print_config(cfg)
+        print(f"device {dev.device}, dtype {dev.dtype}, compile {dev.compile}, {world_size} process(es); "
               f"{tokens_per_iter:,} tokens per step")
     torch.manual_seed(cfg.seed + rank)  # init is overwritten by rank 0's weights under DDP; dropout differs
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls and convs: ~free speed on Ampere+
-        torch.backends.cudnn.allow_tf32 = True
 
-    vocab, splits = open_dataset(cfg)
-    from tokenizer import GPT2_VOCAB, Tokenizer
-    vocab_size = Tokenizer(vocab).vocab_size
-
-    model_args = dict({key: getattr(cfg, key) for key in MODEL_KEYS}, vocab_size=vocab_size)
-    ckpt = None
-    if cfg.init_from == 'scratch':
-        if master:
-            print(f"initialising a new model, vocab_size {vocab_size}")
-        model = GPT(GPTConfig(**model_args))
-        model_args = recorded_model_args(model.config)
-        iter_num, best_val_loss = 0, float('inf')
-    elif cfg.init_from == 'resume':
-        ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
-        ckpt = load_checkpoint(ckpt_path, device='cpu')
-        if ckpt['vocab'] != vocab:
-            raise UserError(f"{ckpt_path} was trained with another vocabulary than dataset '{cfg.dataset}': "
-                            f"resume with --dataset={ckpt['config']['dataset']!r} (or its data_dir)")
-        # Compare with the run config the checkpoint was trained with, not its model_args: a run started
-        # from GPT-2 took its shape from the pretrained model, whatever n_layer etc. it was given.
-        defaults = TrainConfig()  # for keys older checkpoints did not have yet
-        for key in (*MODEL_KEYS[:-1], 'optimizer'):
-            trained, asked = ckpt['config'].get(key, getattr(defaults, key)), getattr(cfg, key)
-            if trained != asked:
-                why = f" (it learned positions for {trained} tokens only)" if key == 'block_size' else ''
-                raise UserError(f"{ckpt_path} has {key}={trained!r} but this run asks for {asked!r}{why}: "
-                                f"resume with --{key}={trained!r}")
-        model = model_from_checkpoint(ckpt, dropout=cfg.dropout)
-        model_args = recorded_model_args(model.config)  # the checkpoint's shape, which may be GPT-2's
-        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-        if iter_num >= cfg.max_iters and not cfg.eval_only:
-            raise UserError(f"{ckpt_path} is at iter {iter_num}, max_iters is {cfg.max_iters}: nothing to train; "
-                            "raise --max_iters (or evaluate it with --eval_only=True)")
-        if master:
-            print(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
-    else:
-        if vocab != GPT2_VOCAB:
-            raise UserError(f"init_from={cfg.init_from!r} reads GPT-2's BPE, but dataset '{cfg.dataset}' has a "
-                            f"{vocab['kind']} vocabulary: use a GPT-2 BPE dataset such as shakespeare or openwebtext")
-        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
-        if cfg.block_size > model.config.block_size:
-            raise UserError(f"{cfg.init_from} has {model.config.block_size} positions, fewer than block_size "
-                            f"{cfg.block_size}: use --block_size={model.config.block_size} or less")
-        if model.config.vocab_size < vocab_size:
-            raise UserError(f"{cfg.init_from} has {model.config.vocab_size} token embeddings, fewer than GPT-2's "
-                            f"{vocab_size}: it is not a GPT-2 BPE model")
-        model.crop_block_size(cfg.block_size)
-        model_args = recorded_model_args(model.config)  # what the checkpoint records, so resume and sampling rebuild it
-        iter_num, best_val_loss = 0, float('inf')
-        if master:
-            print(f"initialising from OpenAI's GPT-2 weights: {cfg.init_from}, {model.get_num_params() / 1e6:.2f}M "
-                  f"parameters, block_size {cfg.block_size}")
-    model.to(device)
-
+    vocab, splits = open_dataset(cfg.dataset, cfg.data_dir, cfg.block_size)
+    model, ckpt = init_model(cfg, vocab, Tokenizer(vocab).vocab_size, verbose=master)
+    iter_num, best_val_loss = (ckpt['iter_num'], ckpt['best_val_loss']) if ckpt else (0, float('inf'))
+    model.to(dev.device)
     # A GradScaler only for fp16, whose narrow range would flush small gradients to zero.
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
-                                           cfg.optimizer, cfg.muon_lr, cfg.muon_momentum)
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        set_rng_state(ckpt['rng'])
+    scaler = torch.amp.GradScaler(dev.type, enabled=dev.dtype == 'float16')
+    optimizer = configure_optimizers(model, cfg, dev.type)
+    if ckpt:
+        restore_training(ckpt, optimizer, scaler)
         if rank:
             torch.manual_seed(cfg.seed + rank + iter_num)  # other ranks' dropout streams, freshly drawn
         ckpt = None  # free the memory
-
     raw_model = model  # what is saved: never the compiled or DDP-wrapped module
-    if use_compile:
+    if dev.compile:
         if master:
             print("compiling the model... (takes a minute)")
         model = torch.compile(model)
     if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[int(device.split(':')[1])] if device_type == 'cuda' else None)
-
-    wandb = None
-    if cfg.wandb_log and master:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("wandb_log=True needs Weights & Biases: pip install wandb") from None
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
-    metrics = open_metrics(cfg.out_dir, iter_num) if master and not cfg.eval_only else None
-
-    def log(**row):
-        # one row of metrics.jsonl (and of wandb): the step, tokens seen so far, the values, wall time
-        row = {'iter': iter_num, 'tokens': iter_num * tokens_per_iter, **row, 'time': round(time.time(), 3)}
-        if metrics:
-            metrics.write(json.dumps(row) + '\n')
-            metrics.flush()
-        if wandb:
-            wandb.log(row, step=iter_num)
-
-    def batch(step, micro):
-        # this process's micro-step `micro` of step `step`: rows of the step's global batch
-        first = (rank * local_accum + micro) * cfg.batch_size
-        return get_batch(splits['train'], cfg.block_size, cfg.gradient_accumulation_steps * cfg.batch_size,
-                         batch_seed(cfg.seed, 'train', step), rows=slice(first, first + cfg.batch_size),
-                         device=device)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[int(dev.device.split(':')[1])] if dev.type == 'cuda' else None)
+    metrics = MetricsLog(cfg, iter_num, tokens_per_iter) if master and not cfg.eval_only else None
 
     def checkpoint(is_best):
-        save_checkpoint({
-            'format_version': FORMAT_VERSION, 'model': raw_model.state_dict(),
-            'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'model_args': model_args,
-            'config': asdict(cfg), 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'vocab': vocab,
-            'rng': rng_state()}, cfg.out_dir, is_best)
+        save_checkpoint(build_checkpoint(raw_model, optimizer, scaler, cfg, iter_num, best_val_loss, vocab),
+                        cfg.out_dir, is_best)
 
-    peak = peak_flops(device, dtype) if master else 0.0
+    batches = train_batches(splits['train'], cfg, iter_num, rank, world_size, dev.device)
+    local_accum = cfg.gradient_accumulation_steps // world_size
+    peak = peak_flops(dev.device, dev.dtype) if master else 0.0
     start_iter = iter_num
-    X, Y = batch(iter_num, 0)  # the first batch; later ones are fetched while the device computes
     t_log, iters_logged, mfu, dt_avg = time.perf_counter(), 0, -1.0, None
     losses = {}  # of the last evaluation
     stop_signal = 0  # a SIGINT/SIGTERM that some process received by the end of the last step
@@ -500,14 +321,15 @@ def train(cfg, device, rank, world_size, master, received):
         # run skips its first evaluation: the checkpoint it came from was just evaluated.
         last = iter_num >= cfg.max_iters
         saved = False
-        resumed_here = cfg.init_from == 'resume' and iter_num == start_iter
-        skip_start = iter_num == 0 and not cfg.eval_at_start
-        if last or cfg.eval_only or (iter_num % cfg.eval_interval == 0 and not resumed_here and not skip_start):
-            losses = estimate_loss(model, splits, cfg, device, ctx)
+        if last or cfg.eval_only or (iter_num % cfg.eval_interval == 0 and
+                                     (iter_num > start_iter or iter_num == 0 and cfg.eval_at_start)):
+            losses = estimate_loss(model, splits, cfg.eval_iters, cfg.batch_size, cfg.block_size, cfg.seed,
+                                   dev.device, dev.autocast)
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                       f"{time.perf_counter() - t_launch:.1f} s since start", flush=True)
-                log(eval_train_loss=losses['train'], val_loss=losses['val'])
+                if metrics:
+                    metrics.log(iter_num, eval_train_loss=losses['train'], val_loss=losses['val'])
             is_best = losses['val'] < best_val_loss
             if not cfg.eval_only and iter_num > start_iter and (is_best or cfg.always_save_checkpoint):
                 if is_best:
@@ -531,10 +353,8 @@ def train(cfg, device, rank, world_size, master, received):
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)  # Muon's groups have their own peak
-        # micro-step m after this step's first is micro-batch m % local_accum of step iter_num + m // local_accum
-        next_batch = lambda m: batch(iter_num + m // local_accum, m % local_accum)  # noqa: E731
-        loss_sum, X, Y = train_step(model, optimizer, scaler, ctx, X, Y, next_batch, local_accum, cfg.grad_clip,
-                                    ddp=world_size > 1)
+        loss_sum = train_step(model, optimizer, scaler, dev.autocast, batches, local_accum, cfg.grad_clip,
+                              ddp=world_size > 1)
         iter_num += 1
         iters_logged += 1
         # Before this step's weights can reach a checkpoint: was its loss finite, was a stop asked for?
@@ -554,18 +374,16 @@ def train(cfg, device, rank, world_size, master, received):
             t_log, iters_logged = time.perf_counter(), 0
             if master:
                 if iter_num - start_iter > 5:  # leave warm-up (and compilation) steps out of the MFU
-                    step_mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak)
+                    step_mfu = raw_model.flops_per_token() * tokens_per_iter / dt / peak
                     mfu = step_mfu if mfu < 0 else 0.9 * mfu + 0.1 * step_mfu
                 dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
                 eta = (cfg.max_iters - iter_num) * dt_avg  # evaluations not counted
                 print(f"iter {iter_num}/{cfg.max_iters} ({100 * iter_num / max(cfg.max_iters, 1):.0f}%): "
                       f"loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, {tokens_per_iter / dt:,.0f} tok/s, "
                       f"mfu {max(mfu, 0) * 100:.1f}%, eta {format_duration(eta)}", flush=True)  # shows in `| tee` too
-                log(train_loss=lossf, lr=lr, ms_per_iter=round(dt * 1000, 3), mfu=round(max(mfu, 0), 5))
+                metrics.log(iter_num, train_loss=lossf, lr=lr, ms_per_iter=round(dt * 1000, 3), mfu=round(max(mfu, 0), 5))
     if metrics:
         metrics.close()
-    if wandb:
-        wandb.finish()
     return {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'losses': losses,
             'stop_signal': 0 if last else stop_signal}
 

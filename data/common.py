@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from configurator import UserError  # the prepare script put the repo root on sys.path
+from errors import UserError  # the prepare script put the repo root on sys.path
 
 
 def read_text(path, url=None, default_path=None):

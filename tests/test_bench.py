@@ -4,8 +4,9 @@ import re
 import statistics
 
 import pytest
-from bench import BenchConfig, main
 from conftest import run_script
+
+from bench import BenchConfig, main
 from model import GPT, GPTConfig
 
 TINY = dict(device='cpu', compile=False, n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4,

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
-import configurator
-from configurator import (UserError, load_config, resolve_compile, resolve_device, resolve_dtype,
-                          resolve_sample_dtype)
 from conftest import REPO, run_script
+
+import device
+from configurator import load_config
+from device import resolve_compile, resolve_device, resolve_dtype, resolve_sample_dtype
+from errors import UserError
 
 
 @dataclass
@@ -95,7 +96,7 @@ def test_shipped_configs_load():
 
 
 def test_every_shipped_config_loads_and_passes_the_checks():
-    from model import GPT2_NAMES
+    from hf import GPT2_NAMES
     from train import TrainConfig, check_config
     paths = sorted(glob.glob(os.path.join(REPO, 'config', '*.py')))
     assert len(paths) == 9
@@ -127,9 +128,9 @@ def test_device_dtype_compile_resolution():
 def test_sampling_dtype_is_bf16_where_decoding_is_faster_in_it(monkeypatch):
     """bf16 with native bf16 at any batch size; on AVX2/AVX-512 CPUs without it, for up to 4 rows
     (vector products read half the bytes), fp32 from there on (bf16 matrix products are slow there)."""
-    monkeypatch.setattr(configurator, 'cpu_has_native_bf16', lambda: True)
+    monkeypatch.setattr(device, 'cpu_has_native_bf16', lambda: True)
     assert resolve_sample_dtype('auto', 'cpu', batch_size=64) == 'bfloat16'
-    monkeypatch.setattr(configurator, 'cpu_has_native_bf16', lambda: False)
+    monkeypatch.setattr(device, 'cpu_has_native_bf16', lambda: False)
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')
     assert resolve_sample_dtype('auto', 'cpu') == 'bfloat16'
     assert resolve_sample_dtype('auto', 'cpu', batch_size=4) == 'bfloat16'
@@ -147,10 +148,10 @@ def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
     cpuinfo = tmp_path / 'cpuinfo'
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512')
     cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n')
-    assert configurator.cpu_has_native_bf16(cpuinfo) is True
+    assert device.cpu_has_native_bf16(cpuinfo) is True
     cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu avx2 avx512f\n')
-    assert configurator.cpu_has_native_bf16(cpuinfo) is False
-    assert configurator.cpu_has_native_bf16(tmp_path / 'none') is False  # no /proc/cpuinfo: not Linux
+    assert device.cpu_has_native_bf16(cpuinfo) is False
+    assert device.cpu_has_native_bf16(tmp_path / 'none') is False  # no /proc/cpuinfo: not Linux
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')  # PyTorch's kernels: no AVX-512
     cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n')
-    assert configurator.cpu_has_native_bf16(cpuinfo) is False
+    assert device.cpu_has_native_bf16(cpuinfo) is False

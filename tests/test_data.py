@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_script
+
+from dataset import batch_seed, get_batch
 from tokenizer import GPT2_VOCAB, Tokenizer, char_vocab
-from train import batch_seed, get_batch
 
 
 def read_bins(data_dir):
@@ -39,8 +39,9 @@ def test_prepare_reports_missing_and_non_utf8_input(tmp_path):
 
 def test_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch):
     import requests
-    from configurator import UserError
+
     from data.common import read_text
+    from errors import UserError
 
     def offline(*args, **kwargs):
         raise requests.ConnectionError('no network')
@@ -54,7 +55,7 @@ def test_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch):
 def test_char_tokenizer_round_trip_and_unknown_characters():
     tok = Tokenizer(char_vocab('hello world'))
     assert tok.decode(tok.encode('hold', )) == 'hold'
-    from configurator import UserError
+    from errors import UserError
     with pytest.raises(UserError, match=r"not in the model's vocabulary: 'XZ'"):
         tok.encode('hello XZX')
 
@@ -114,6 +115,7 @@ def test_openwebtext_prepare_on_a_local_corpus(tmp_path, gpt2_bpe):
 
 def test_openwebtext_reads_a_dataset_saved_with_save_to_disk(tmp_path, monkeypatch):
     from datasets import Dataset, DatasetDict
+
     from data.openwebtext.prepare import load_corpus
     monkeypatch.setenv('HF_DATASETS_CACHE', str(tmp_path / 'cache'))
     docs = [f'document {i}' for i in range(5)]

@@ -6,8 +6,8 @@ import shutil
 import struct
 
 import pytest
-
 from conftest import run_script, tiny_train_config
+
 from sample import SampleConfig
 from sample import main as sample
 from train import main as train

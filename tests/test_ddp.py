@@ -3,12 +3,10 @@ result depends on the total batch, not on how many processes share it."""
 
 import dataclasses
 import os
-import sys
 
-import torch
+from conftest import run_script, tiny_train_config
 
 from checkpoint import load_checkpoint
-from conftest import run_script, tiny_train_config
 from train import main as train
 
 # dropout 0: each process draws its own dropout masks, the only thing that may differ with world size

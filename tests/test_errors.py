@@ -9,11 +9,11 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
+from conftest import dir_snapshot, tiny_train_config
 
 import sample
 import train
 from configurator import cli
-from conftest import dir_snapshot, tiny_train_config
 
 
 @pytest.fixture(scope='module')

@@ -8,11 +8,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED, run_script, tiny_train_config
 from torch.nn import functional as F
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import UserError
-from conftest import SHARED, run_script, tiny_train_config
+from errors import UserError
 from eval import EvalConfig, corpus_bleu, sliding_windows, split_loss
 from eval import main as evaluate
 from tokenizer import Tokenizer, char_vocab

@@ -4,7 +4,8 @@ would be sampled alone, and top_k / top_p / stop do what they say."""
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, sample_next
+from generation import KVCache, generate, sample_next
+from model import GPT, GPTConfig
 
 
 def tiny(**kw):
@@ -27,8 +28,8 @@ def gen(seed):
 def test_cached_and_uncached_generation_are_identical_within_block_size(temperature, modern):
     model = tiny(**modern)  # with rotary, the cached keys carry their positions' rotation
     idx = torch.randint(0, 65, (3, 5), generator=gen(1))
-    cached = model.generate(idx, 11, temperature=temperature, generator=gen(2))  # 16 tokens: all of block_size
-    uncached = model.generate(idx, 11, temperature=temperature, generator=gen(2), use_cache=False)
+    cached = generate(model, idx, 11, temperature=temperature, generator=gen(2))  # 16 tokens: all of block_size
+    uncached = generate(model, idx, 11, temperature=temperature, generator=gen(2), use_cache=False)
     assert cached.shape == (3, 16) and torch.equal(cached, uncached)
 
 
@@ -41,7 +42,7 @@ def test_cached_logits_equal_a_full_forward_over_the_context_the_cache_holds(pro
     step_logits = []
     hook = model.lm_head.register_forward_hook(lambda m, i, out: step_logits.append(out[:, -1]))
     idx = torch.randint(0, 65, (2, prompt_len), generator=gen(1))
-    seq = model.generate(idx, n_new, temperature=1.0, keep=keep, generator=gen(2))
+    seq = generate(model, idx, n_new, temperature=1.0, keep=keep, generator=gen(2))
     hook.remove()
     assert len(step_logits) == n_new and seq.shape == (2, prompt_len + n_new)
 
@@ -60,8 +61,8 @@ def test_cached_logits_equal_a_full_forward_over_the_context_the_cache_holds(pro
 def test_keep_block_size_is_the_classic_sliding_window():
     model = tiny()
     idx = torch.randint(0, 65, (2, 4), generator=gen(1))
-    cached = model.generate(idx, 40, temperature=1.0, keep=16, generator=gen(2))
-    uncached = model.generate(idx, 40, temperature=1.0, use_cache=False, generator=gen(2))
+    cached = generate(model, idx, 40, temperature=1.0, keep=16, generator=gen(2))
+    uncached = generate(model, idx, 40, temperature=1.0, use_cache=False, generator=gen(2))
     assert torch.equal(cached, uncached)
 
 
@@ -69,13 +70,13 @@ def test_a_batch_samples_each_row_as_it_would_be_sampled_alone():
     model = tiny()
     idx = torch.randint(0, 65, (3, 4), generator=gen(1))
     kw = dict(temperature=1.0, top_k=20, top_p=0.9)
-    batch = model.generate(idx, 40, generator=[gen(10), gen(11), gen(12)], **kw)  # past block_size: refills too
+    batch = generate(model, idx, 40, generator=[gen(10), gen(11), gen(12)], **kw)  # past block_size: refills too
     for i in range(3):
-        alone = model.generate(idx[i:i + 1], 40, generator=gen(10 + i), **kw)
+        alone = generate(model, idx[i:i + 1], 40, generator=gen(10 + i), **kw)
         assert torch.equal(batch[i:i + 1], alone)
     assert not torch.equal(batch[0, 4:], batch[1, 4:])  # the rows did draw different numbers
     with pytest.raises(ValueError, match='one per row'):
-        model.generate(idx, 2, generator=[gen(10)])
+        generate(model, idx, 2, generator=[gen(10)])
 
 
 def test_greedy_picks_the_most_likely_token():
@@ -106,15 +107,15 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
 def test_stop_tokens_end_each_row_and_then_the_stream():
     model = tiny()
     idx = torch.randint(0, 65, (2, 3), generator=gen(1))
-    greedy = model.generate(idx, 30, temperature=0.0)[:, 3:].tolist()
+    greedy = generate(model, idx, 30, temperature=0.0)[:, 3:].tolist()
     stop = [greedy[0][6], greedy[1][2]]
     ends = [next(j for j, t in enumerate(row) if t in stop) for row in greedy]  # index of each row's first stop
     length = max(ends) + 1
-    out = model.generate(idx, 30, temperature=0.0, stop=stop)[:, 3:].tolist()
+    out = generate(model, idx, 30, temperature=0.0, stop=stop)[:, 3:].tolist()
     for row, g, end in zip(out, greedy, ends):
         # the row as without stop up to its stop token, which it then repeats until every row has ended
         assert row == g[:end + 1] + [g[end]] * (length - end - 1)
-    one = model.generate(idx[:1], 30, temperature=0.0, stop=greedy[0][4])[:, 3:].tolist()[0]
+    one = generate(model, idx[:1], 30, temperature=0.0, stop=greedy[0][4])[:, 3:].tolist()[0]
     assert one == greedy[0][:greedy[0].index(greedy[0][4]) + 1]  # a single id works too
 
 
@@ -146,7 +147,7 @@ def test_under_bf16_autocast_prefills_run_in_fp32_and_decode_steps_in_bf16():
     hook = model.lm_head.register_forward_hook(lambda m, i, out: step_logits.append(out[:, -1]))
     idx = torch.randint(0, 65, (2, 5), generator=gen(1))
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        seq = model.generate(idx, 20, temperature=1.0, generator=gen(2))  # 25 > block_size 16: one refill
+        seq = generate(model, idx, 20, temperature=1.0, generator=gen(2))  # 25 > block_size 16: one refill
     hook.remove()
     assert [l.dtype for l in step_logits] == ([torch.float32] + [torch.bfloat16] * 11 + [torch.float32]
                                               + [torch.bfloat16] * 7)

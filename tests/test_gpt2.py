@@ -10,13 +10,14 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_train_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import UserError
-from conftest import tiny_train_config
+from errors import UserError
 from export_hf import ExportConfig
 from export_hf import main as export
+from hf import export_hf, from_pretrained
 from model import GPT, GPTConfig
 from sample import SampleConfig
 from sample import main as sample
@@ -57,19 +58,19 @@ def our_logits(model, idx):
 
 def test_from_pretrained_computes_what_transformers_computes(hf_gpt2):
     folder, hf = hf_gpt2
-    model = GPT.from_pretrained(folder)
+    model = from_pretrained(folder)
     assert (model.config.n_layer, model.config.n_head, model.config.n_embd, model.config.block_size,
             model.config.vocab_size, model.config.bias, model.config.dropout) == (2, 4, 48, 64, 50257, True, 0.0)
     idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
     assert (our_logits(model, idx) - hf_logits(hf, idx)).abs().max().item() < 1e-4
-    assert GPT.from_pretrained(folder, dropout=0.1).config.dropout == 0.1  # the one override
+    assert from_pretrained(folder, dropout=0.1).config.dropout == 0.1  # the one override
 
 
 def test_round_trip_ours_to_hugging_face_to_ours_is_identical(tmp_path):
     torch.manual_seed(0)
     model = randomize(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=True)))
-    model.export_hf(tmp_path)
-    back = GPT.from_pretrained(str(tmp_path))
+    export_hf(model, tmp_path)
+    back = from_pretrained(str(tmp_path))
     assert back.config == model.config
     a, b = model.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -79,22 +80,22 @@ def test_export_without_biases_loads_in_transformers_and_computes_the_same(tmp_p
     # a character-level model of our own (65 tokens, 16 positions, no biases): transformers must
     # compute exactly what it computes, with zero biases in place of the missing ones
     model = randomize(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=False)))
-    model.export_hf(tmp_path)
+    export_hf(model, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ['config.json', 'model.safetensors']
     hf = GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
     idx = torch.randint(0, 65, (3, 16), generator=torch.Generator().manual_seed(0))
     assert (our_logits(model, idx) - hf_logits(hf, idx)).abs().max().item() < 1e-4
     ours = model.state_dict()
-    for k, v in GPT.from_pretrained(str(tmp_path)).state_dict().items():
+    for k, v in from_pretrained(str(tmp_path)).state_dict().items():
         assert torch.equal(v, ours[k]) if k in ours else not v.any(), k  # the added biases are zeros
 
 
 def test_from_pretrained_user_errors(monkeypatch, hf_gpt2):
     monkeypatch.setitem(sys.modules, 'transformers', None)  # makes `import transformers` fail
     with pytest.raises(UserError, match='pip install transformers'):
-        GPT.from_pretrained(hf_gpt2[0])
+        from_pretrained(hf_gpt2[0])
     with pytest.raises(UserError, match="is neither one of gpt2, gpt2-medium, gpt2-large, gpt2-xl nor a folder"):
-        GPT.from_pretrained('gpt3')
+        from_pretrained('gpt3')
 
 
 @pytest.fixture(scope='module')
@@ -160,6 +161,7 @@ def test_export_script_writes_a_folder_transformers_loads(finetuned, tmp_path):
 
 def test_eval_of_a_gpt2_folder_matches_the_loss_transformers_computes(hf_gpt2, bpe_data, tmp_path):
     import numpy as np
+
     from eval import EvalConfig
     from eval import main as evaluate
     folder, hf = hf_gpt2

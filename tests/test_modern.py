@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from model import GPT, ChainedOptimizer, GPTConfig, Muon, apply_rotary, rotary_tables
+from model import GPT, GPTConfig, apply_rotary, rotary_tables
+from optimizers import ChainedOptimizer, Muon, configure_optimizers
+from train import TrainConfig
 
 SWITCHES = [dict(rotary=True), dict(rmsnorm=True), dict(qk_norm=True), dict(relu2=True),
             dict(tie_weights=False), dict(bias=False),
@@ -34,7 +36,7 @@ def test_each_switch_keeps_the_model_causal(switches):
 def test_each_switch_trains_with_each_optimizer(switches, optimizer):
     # memorise one batch of 4 sequences: 40 steps take the loss well below ln(65) = 4.17
     model = tiny(**switches)
-    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu', optimizer=optimizer, muon_lr=0.02)
+    opt = configure_optimizers(model, TrainConfig(weight_decay=0.0, learning_rate=3e-3, optimizer=optimizer), 'cpu')
     idx = torch.randint(0, 65, (4, 17), generator=torch.Generator().manual_seed(1))
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
     losses = []
@@ -97,7 +99,7 @@ def test_our_muon_steps_as_torch_optim_muon_does():
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = tiny(tie_weights=False, bias=False)
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', optimizer='muon', muon_lr=0.02)
+    opt = configure_optimizers(model, TrainConfig(learning_rate=1e-3, optimizer='muon', muon_lr=0.02), 'cpu')
     muon, adamw = opt.optimizers
     assert isinstance(opt, ChainedOptimizer) and isinstance(muon, Muon)
     muon_params = {id(p) for g in muon.param_groups for p in g['params']}
@@ -110,14 +112,17 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert muon.param_groups[0]['lr_scale'] == pytest.approx(20)  # muon_lr / learning_rate
 
 
+MUON = TrainConfig(learning_rate=1e-3, optimizer='muon')
+
+
 def test_chained_optimizer_state_round_trips_through_a_safe_load(tmp_path):
     model = tiny()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', optimizer='muon')
+    opt = configure_optimizers(model, MUON, 'cpu')
     _, loss = model(torch.zeros(1, 16, dtype=torch.long), torch.ones(1, 16, dtype=torch.long))
     loss.backward()
     opt.step()
     torch.save(opt.state_dict(), tmp_path / 'opt.pt')
-    fresh = tiny().configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', optimizer='muon')
+    fresh = configure_optimizers(tiny(), MUON, 'cpu')
     fresh.load_state_dict(torch.load(tmp_path / 'opt.pt', weights_only=True))
     a, b = opt.optimizers[0].state_dict()['state'], fresh.optimizers[0].state_dict()['state']
     assert a.keys() == b.keys() and all(torch.equal(a[k]['momentum_buffer'], b[k]['momentum_buffer']) for k in a)
@@ -128,8 +133,9 @@ MODERN = dict(rotary=True, rmsnorm=True, qk_norm=True, relu2=True, tie_weights=F
 
 
 def test_a_modern_muon_run_resumes_exactly_and_its_checkpoint_rebuilds_the_model(tmp_path, char_data):
-    from checkpoint import load_checkpoint, model_from_checkpoint
     from conftest import tiny_train_config
+
+    from checkpoint import load_checkpoint, model_from_checkpoint
     from train import main
     overrides = dict(MODERN, max_iters=12, eval_interval=6)
     full = main(tiny_train_config(tmp_path / 'full', char_data, **overrides))

@@ -5,13 +5,14 @@ import shutil
 
 import pytest
 import torch
+from conftest import SHARED, run_script, tiny_train_config
 
 import sample as sample_module
 from bench_sample import BenchSampleConfig
 from bench_sample import main as bench_sample
 from checkpoint import FORMAT_VERSION
-from configurator import UserError
-from conftest import SHARED, run_script, tiny_train_config
+from errors import UserError
+from generation import generate
 from model import GPT, GPTConfig
 from sample import SampleConfig
 from sample import main as sample
@@ -94,8 +95,8 @@ def test_streamed_bpe_text_waits_for_whole_characters(tmp_path, monkeypatch, cap
                        top_k=None, device='cpu', seed=5)
     # the same draw as sample.py's: some prefix of it ends inside a character (else this test tests nothing)
     tok = Tokenizer({'kind': 'tiktoken', 'encoding': 'r50k_base'})
-    ids = model.generate(torch.tensor([tok.encode('Hello')]), 60, temperature=1.0,
-                         generator=[torch.Generator().manual_seed(5)])
+    ids = generate(model, torch.tensor([tok.encode('Hello')]), 60, temperature=1.0,
+                   generator=[torch.Generator().manual_seed(5)])
     assert any(tok.decode(ids[0, :n].tolist()).endswith('\ufffd') for n in range(2, 62))
     s = sample(cfg)[0]
     out = capsys.readouterr().out

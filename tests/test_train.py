@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
+from conftest import run_script, tiny_train_config
 
 from checkpoint import load_checkpoint
-from configurator import UserError
-from conftest import run_script, tiny_train_config
+from errors import UserError
 from train import TrainConfig, get_lr, main
 
 

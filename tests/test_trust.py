@@ -11,13 +11,13 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
+from conftest import REPO, dir_snapshot, run_script, tiny_train_config
 
+import dataset
 import train
 from checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_checkpoint
-from configurator import UserError
-from conftest import REPO, dir_snapshot, run_script, tiny_train_config
+from errors import UserError
 from model import GPT, GPTConfig
-
 
 
 def checkpoint_files(out_dir):
@@ -98,17 +98,17 @@ def test_sigterm_saves_the_step_exits_143_and_resuming_ends_bit_identical(tmp_pa
 
 
 def signal_while_drawing(monkeypatch, step, signum, times=1):
-    """Raise signum in this process (times over) while the first batch of `step` is drawn: during
-    step - 1, which prefetches it."""
-    get_batch = train.get_batch
+    """Raise signum in this process (times over) while the first batch of step - 1 (0-based: the
+    step that ends with iter_num == step) is drawn, at the start of that step."""
+    get_batch = dataset.get_batch
 
     def get_batch_and_signal(data, block_size, batch_size, seed, rows=None, device='cpu'):
-        if seed == train.batch_seed(1337, 'train', step) and rows.start == 0:
+        if seed == dataset.batch_seed(1337, 'train', step - 1) and rows.start == 0:
             for _ in range(times):
                 signal.raise_signal(signum)
         return get_batch(data, block_size, batch_size, seed, rows, device)
 
-    monkeypatch.setattr(train, 'get_batch', get_batch_and_signal)
+    monkeypatch.setattr(dataset, 'get_batch', get_batch_and_signal)
 
 
 def handlers():

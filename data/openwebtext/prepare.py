@@ -24,8 +24,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from configurator import UserError, cli  # noqa: E402
+from configurator import cli  # noqa: E402
 from data.common import write_meta  # noqa: E402
+from errors import UserError  # noqa: E402
 from tokenizer import GPT2_VOCAB, Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -1,0 +1,125 @@
+"""
+Fast generation: a KV cache, sampling (temperature, top-k, top-p, stop tokens) and the streaming loop
+that sample.py, eval.py and bench_sample.py call. model.GPT.generate is nanoGPT's plain loop, the
+reference this one is tested against.
+"""
+
+import torch
+from torch.nn import functional as F
+
+
+class KVCache:
+    """The keys and values of every layer for the positions a generation has fed the model so far.
+    The buffers are allocated once at full length, so a decode step writes its one new position in
+    place instead of growing tensors (torch.cat would copy the whole cache at every token)."""
+
+    def __init__(self, model, batch_size):
+        cfg, w = model.config, model.lm_head.weight
+        # in the weights' dtype, also under autocast: decode steps attend in it (see generate_stream)
+        shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)  # (B, nh, block_size, hs)
+        self.k = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)]
+        self.v = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)]
+        self.pos = 0  # positions filled: the next token fed goes to position pos (GPT.forward advances it)
+
+    def insert(self, layer, k, v):
+        """Write one layer's keys and values (B, nh, T, hs) of positions pos..pos+T-1 and return all of
+        that layer's so far, (B, nh, pos + T, hs): views of the buffers, no copies."""
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from next-token logits (B, vocab_size) -> (B,).
+    temperature: divides the logits; 0 picks the most likely token (greedy).
+    top_k: sample only among the k most likely tokens.
+    top_p: sample only among the fewest most likely tokens whose probabilities add up to top_p or more
+    (nucleus sampling, Holtzman et al. 2019).
+    generator: a torch.Generator, or a list of one per row: row i then draws its random numbers from
+    generator[i] exactly as it would alone, so it samples what it would be sampled alone."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        v, _ = torch.topk(logits, top_k)
+        logits = logits.masked_fill(logits < v[:, [-1]], -float('inf'))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the more likely ones before it already hold top_p (the first is always kept)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))  # multinomial renormalises
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != probs.size(0):
+            raise ValueError(f"{len(generator)} generators for {probs.size(0)} rows: give one per row")
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop=None,
+                    use_cache=True, keep=None, generator=None):
+    """Yield the next token of every row of the prompt idx (B, T), a (B,) tensor per step, for up to
+    max_new_tokens steps. Call model.eval() first. Rows are sampled together as one batch.
+
+    temperature, top_k, top_p, generator: as in sample_next (a list of generators, one per row,
+    makes each row what sampling it alone with its generator gives).
+    stop: a token id or a list of ids. A row that samples one has ended: it repeats that token from
+    then on, and the stream ends once every row has ended.
+    use_cache=False: the classic loop, which re-runs the model over the last block_size tokens at
+    every step (an exact sliding window, at block_size times the work per token).
+    use_cache=True: a KVCache keeps the keys and values of the tokens seen so far; the prompt (its
+    last block_size tokens) goes through the model once (a prefill), then each step feeds only the
+    newest token (a decode step). The learned positions end at block_size, so a sliding window
+    would need a full recompute per token; instead, when the cache is full, the last `keep` tokens
+    of the text (default block_size // 2) are prefilled into an empty cache and decoding goes on.
+    Each token then sees between keep and block_size tokens of context, and one prefill of keep
+    tokens is spread over block_size - keep steps. keep=block_size is the exact sliding window
+    again. With rotary embeddings too: a rolling cache (overwrite the oldest key) would keep
+    attention's relative positions right, but not the keys themselves: in layers after the first, a
+    cached key was computed from a context reaching back before the window, so the logits would
+    differ from a forward pass over the window; the refill keeps every step exact.
+
+    Dtypes, under autocast: prefills and refills run in the weights' dtype (autocast off), as they
+    multiply matrices, where bf16 only pays on hardware with bf16 units; decode steps multiply
+    vectors, bound by reading the weights, whose bytes bf16 halves everywhere, so their linears run in
+    autocast's dtype; attention runs in the cache's dtype (the weights'), as a decode step's attention
+    is a few small ops.
+    """
+    B, T = idx.size()
+    block_size = model.config.block_size
+    keep = block_size // 2 if keep is None else keep
+    if not 1 <= keep <= block_size:
+        raise ValueError(f"keep must be between 1 and block_size {block_size}, got {keep}")
+    if stop is not None:
+        stop = torch.tensor([stop] if isinstance(stop, int) else list(stop), device=idx.device)
+        ended = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # prompt + new tokens
+    seq[:, :T] = idx
+    cache = KVCache(model, B) if use_cache else None
+    for n in range(T, T + max_new_tokens):  # n tokens so far; sample the one at index n
+        if cache is None:
+            logits, _ = model(seq[:, max(0, n - block_size):n])
+        elif cache.pos in (0, block_size):  # prefill the prompt, or refill a full cache
+            context = block_size if cache.pos == 0 else keep
+            cache.pos = 0
+            with torch.autocast(idx.device.type, enabled=False):
+                logits, _ = model(seq[:, max(0, n - context):n], cache=cache)
+        else:
+            logits, _ = model(seq[:, n - 1:n], cache=cache)  # only the newest token is new to the cache
+        idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+        if stop is not None:
+            idx_next = torch.where(ended, seq[:, n - 1], idx_next)  # an ended row repeats its stop token
+            ended |= torch.isin(idx_next, stop)
+        seq[:, n] = idx_next
+        yield idx_next
+        if stop is not None and ended.all():
+            return
+
+
+def generate(model, idx, max_new_tokens, **kwargs):
+    """The prompt idx (B, T) followed by up to max_new_tokens sampled tokens: (B, T + n), n fewer
+    than max_new_tokens only if every row sampled a stop token. kwargs: those of generate_stream."""
+    new = list(generate_stream(model, idx, max_new_tokens, **kwargs))
+    return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx

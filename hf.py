@@ -1,0 +1,94 @@
+"""
+OpenAI's GPT-2 in, Hugging Face GPT-2 folders out: the weights of transformers' GPT2LMHeadModel
+mapped onto model.GPT and back.
+"""
+
+import json
+import os
+
+import torch
+
+from errors import UserError
+from model import GPT, MODERN_SWITCHES, GPTConfig
+
+# OpenAI's released GPT-2 checkpoints, as named on the Hugging Face hub (n_layer, n_head, n_embd):
+# 124M (12, 12, 768), 350M (24, 16, 1024), 774M (36, 20, 1280), 1558M (48, 25, 1600)
+GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
+# GPT-2 stores these matrices as Conv1D weights of shape (in, out): the transpose of nn.Linear's (out, in)
+HF_TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+
+
+
+def from_pretrained(name_or_path, dropout=None):
+    """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl': downloaded by transformers)
+    or a local Hugging Face GPT-2 folder, as a GPT in fp32 on the CPU. The shape is the checkpoint's
+    (with biases, as GPT-2); only dropout may be overridden (default 0)."""
+    if name_or_path not in GPT2_NAMES and not os.path.isdir(name_or_path):
+        raise UserError(f"{name_or_path!r} is neither one of {', '.join(GPT2_NAMES)} nor a folder "
+                        "holding a Hugging Face GPT-2 (config.json + weights)")
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        raise UserError("loading GPT-2 needs Hugging Face transformers: pip install transformers") from None
+    try:
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:  # no network, no such folder content, a foreign config.json
+        raise UserError(f"cannot load GPT-2 from {name_or_path!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+    c = hf.config
+    # Our blocks compute GPT-2's function only with GPT-2's choices: the tanh GELU, LayerNorm eps 1e-5,
+    # a 4x wide MLP, attention scaled by 1/sqrt(hs) and the head tied to the token embedding.
+    if (c.activation_function not in ('gelu_new', 'gelu_pytorch_tanh') or c.layer_norm_epsilon != 1e-5
+            or c.n_inner not in (None, 4 * c.n_embd) or not c.scale_attn_weights
+            or c.scale_attn_by_inverse_layer_idx or not c.tie_word_embeddings):
+        raise UserError(f"{name_or_path} is a GPT-2 variant this model does not compute (activation "
+                        f"{c.activation_function}, eps {c.layer_norm_epsilon}, n_inner {c.n_inner}, "
+                        f"tied head {c.tie_word_embeddings})")
+    config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                       n_head=c.n_head, n_embd=c.n_embd, bias=True, dropout=dropout or 0.0)
+    model = GPT(config)
+    sd = model.state_dict()
+    # older transformers also keep each layer's causal mask as buffers: not weights
+    sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
+    if sd.keys() != sd_hf.keys():
+        raise UserError(f"{name_or_path}: weights {sorted(sd_hf.keys() ^ sd.keys())[:4]} do not fit GPT-2")
+    with torch.no_grad():
+        for k, v in sd_hf.items():
+            v = v.t() if k.endswith(HF_TRANSPOSED) else v
+            assert v.shape == sd[k].shape, (k, v.shape, sd[k].shape)  # copy_ would broadcast
+            sd[k].copy_(v)
+    return model
+
+def export_hf(model, folder, eos_token_id=None):
+    """Write a model as a Hugging Face GPT-2 folder (config.json + model.safetensors) that
+    transformers.GPT2LMHeadModel.from_pretrained loads: the inverse of from_pretrained. A model
+    without biases gets zero biases, which compute the same function. eos_token_id is the
+    vocabulary's end-of-text token (50256 in GPT-2's BPE), or None when it has none."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError("exporting to Hugging Face needs safetensors: pip install safetensors") from None
+    c = model.config
+    if not c.is_gpt2():
+        raise UserError("only GPT-2's architecture exports to a Hugging Face GPT-2 folder: this model has "
+                        f"one of {', '.join(MODERN_SWITCHES)} changed from its default")
+    sd = model.state_dict()
+    tensors = {}
+    for k, v in sd.items():
+        if k == 'lm_head.weight':
+            continue  # the same tensor as wte; transformers ties it back on load
+        tensors[k] = (v.t() if k.endswith(HF_TRANSPOSED) else v).detach().cpu().contiguous()
+        bias = k[:-len('weight')] + 'bias'
+        if k.endswith('.weight') and 'wte' not in k and 'wpe' not in k and bias not in sd:
+            tensors[bias] = torch.zeros(v.shape[0])  # Linear (out, in) and LayerNorm (n,): out biases
+    hf_config = {
+        'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': c.vocab_size,
+        'n_positions': c.block_size, 'n_layer': c.n_layer, 'n_head': c.n_head, 'n_embd': c.n_embd,
+        'n_inner': None, 'activation_function': 'gelu_new', 'layer_norm_epsilon': 1e-5,
+        'resid_pdrop': c.dropout, 'embd_pdrop': c.dropout, 'attn_pdrop': c.dropout,
+        'initializer_range': 0.02, 'tie_word_embeddings': True,
+        'bos_token_id': eos_token_id, 'eos_token_id': eos_token_id}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(hf_config, f, indent=2)
+    save_file(tensors, os.path.join(folder, 'model.safetensors'), metadata={'format': 'pt'})
