@@ -1,22 +1,24 @@
-"""
-Benchmark training steps: how fast the trainer's step (forward, backward, clip, optimizer) runs on this
-device, and how close that is to the hardware's peak (MFU).
+r"""
+Benchmark training steps: how fast the trainer's step (forward, backward, clip, optimizer) runs on
+this device, and how close that is to the hardware's peak (MFU).
 
-    python bench.py config/train_shakespeare_char_cpu.py                    # the CPU recipe's shape
-    python bench.py config/train_shakespeare_char_cpu.py --real_data=True   # on its real batches
-    python bench.py config/train_gpt2.py --batch_size=12 --gradient_accumulation_steps=1   # GPT-2 124M, one GPU
-    python bench.py config/train_shakespeare_char_cpu.py --profile=True     # + a chrome trace, top ops
+    python bench.py config/train_shakespeare_char_cpu.py                   # the CPU recipe's shape
+    python bench.py config/train_shakespeare_char_cpu.py --real_data=True  # on its real batches
+    python bench.py config/train_gpt2.py \
+        --batch_size=12 --gradient_accumulation_steps=1                    # GPT-2 124M, one GPU
+    python bench.py config/train_shakespeare_char_cpu.py --profile=True    # + chrome trace, top ops
 
-It takes any training config (every train.py knob), builds the model from scratch, runs `bench_warmup`
-untimed steps (compilation, allocator, caches), then times `bench_iters` steps one by one, waiting for
-the device at the end of each, and reports the median. The step is train.train_step, the very function
-train.py runs, the model and optimizer are built as train.py builds them, and batches come from the
-same iterator: on a random token array by default (no dataset needed), or on the dataset's train split
-with real_data=True.
+It takes any training config (every train.py knob), builds the model from scratch, runs
+`bench_warmup` untimed steps (compilation, allocator, caches), then times `bench_iters` steps one by
+one, waiting for the device at the end of each, and reports the median. The step is
+train.train_step, the very function train.py runs, the model and optimizer are built as train.py
+builds them, and batches come from the same iterator: on a random token array by default (no
+dataset needed), or on the dataset's train split with real_data=True.
 
-MFU (model FLOPs utilisation) divides the model's training FLOP/s (6N + attention, model.flops_per_token)
-by the device's peak: a GPU's data-sheet bf16 peak, or on CPU and mps the matmul FLOP/s measured here
-at start (both fp32 and bf16 are printed; MFU is against the one of the run's dtype).
+MFU (model FLOPs utilisation) divides the model's training FLOP/s (6N + attention,
+model.flops_per_token) by the device's peak: a GPU's data-sheet bf16 peak, or on CPU and mps the
+matmul FLOP/s measured here at start (both fp32 and bf16 are printed; MFU is against the one of the
+run's dtype).
 """
 
 import os
@@ -44,8 +46,9 @@ class BenchConfig(TrainConfig):
     bench_iters: int = 30  # timed steps
     real_data: bool = False  # batches from the dataset's train split; False: random tokens
     vocab_size: int = 50304  # with random tokens: GPT-2's 50257 rounded up to a multiple of 64
-    profile: bool = False  # also profile a few steps with torch.profiler: a table of the top ops and a trace
-    trace_file: str = 'bench_trace.json'  # where the profile's chrome trace goes (open in ui.perfetto.dev)
+    # also profile a few steps with torch.profiler: a table of the top ops and a trace
+    profile: bool = False
+    trace_file: str = 'bench_trace.json'  # the profile's chrome trace (open in ui.perfetto.dev)
 
 
 def main(cfg):
@@ -62,7 +65,8 @@ def main(cfg):
         data, vocab_size = splits['train'], Tokenizer(vocab).vocab_size
     else:
         vocab_size = cfg.vocab_size
-        data = np.random.default_rng(cfg.seed).integers(0, vocab_size, 2**20, dtype=np.uint16)  # 1M tokens
+        # 1M tokens
+        data = np.random.default_rng(cfg.seed).integers(0, vocab_size, 2**20, dtype=np.uint16)
     raw_model, _ = init_model(cfg, None, vocab_size, verbose=False)
     model = raw_model.to(device)
     optimizer = configure_optimizers(model, cfg, device_type)
@@ -84,8 +88,10 @@ def main(cfg):
     if device_type in ('cpu', 'mps') and dtype != 'float32':
         peaks[dtype] = peak_flops(device, dtype)
     peak = peaks.get(dtype) or peak_flops(device, dtype)
-    print(f"device {device}, dtype {dtype}, {torch.get_num_threads()} threads, {tokens_per_iter:,} tokens per step, "
-          f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {raw_model.flops_per_token() / 1e6:.1f} MFLOP per token")
+    print(f"device {device}, dtype {dtype}, {torch.get_num_threads()} threads, "
+          f"{tokens_per_iter:,} tokens per step, "
+          f"{raw_model.get_num_params() / 1e6:.2f}M parameters, "
+          f"{raw_model.flops_per_token() / 1e6:.1f} MFLOP per token")
     print("peak: " + (', '.join(f"{k} {v / 1e9:,.0f} GFLOP/s (measured)" for k, v in peaks.items())
                       or f"{peak / 1e12:,.0f} TFLOP/s (data sheet)"))
 
@@ -103,12 +109,13 @@ def main(cfg):
               'mfu': raw_model.flops_per_token() * tokens_per_iter / dt / peak, 'peak_flops': peak,
               'tokens_per_iter': tokens_per_iter, 'times': times, 'loss': losses[-1]}
     print(f"{cfg.bench_iters} steps: median {dt * 1000:.2f} ms/iter (min {min(times) * 1000:.2f}, "
-          f"max {max(times) * 1000:.2f}), {result['tokens_per_s']:,.0f} tokens/s, MFU {100 * result['mfu']:.1f}%, "
-          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+          f"max {max(times) * 1000:.2f}), {result['tokens_per_s']:,.0f} tokens/s, "
+          f"MFU {100 * result['mfu']:.1f}%, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
     if cfg.profile:
         from torch.profiler import ProfilerActivity, profile
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+        activities = ([ProfilerActivity.CPU]
+                      + ([ProfilerActivity.CUDA] if device_type == 'cuda' else []))
         with profile(activities=activities, record_shapes=True) as prof:
             for _ in range(5):
                 run_step()

@@ -1,15 +1,17 @@
-"""
-Sampling benchmarks. --mode=speed (the default): tokens/s of generate with and without the KV cache,
-for a checkpoint or for a model shape with random weights.
+r"""
+Sampling benchmarks. --mode=speed (the default): tokens/s of generate with and without the KV
+cache, for a checkpoint or for a model shape with random weights.
 
-    python bench_sample.py    # the 6x384, context-256 shape of config/train_shakespeare_char.py, 1000 tokens
+    python bench_sample.py  # 1000 tokens of config/train_shakespeare_char.py's 6x384, context 256
     python bench_sample.py --out_dir=out-shakespeare-char-cpu --prompt_len=32 --max_new_tokens=500
     python bench_sample.py --use_cache=on --dtypes=bfloat16,float32 --batch_size=8
 
---mode=bf16: how much sampling in bf16 changes a checkpoint: its val loss under bf16 autocast against
-fp32, and how many greedy continuations of prompts taken from the val text agree token for token.
+--mode=bf16: how much sampling in bf16 changes a checkpoint: its val loss under bf16 autocast
+against fp32, and how many greedy continuations of prompts taken from the val text agree
+token for token.
 
-    python bench_sample.py --mode=bf16 --out_dir=out-shakespeare-char-cpu --data_dir=data/shakespeare_char
+    python bench_sample.py --mode=bf16 --out_dir=out-shakespeare-char-cpu \
+        --data_dir=data/shakespeare_char
 """
 
 import time
@@ -29,7 +31,8 @@ from model import GPT, GPTConfig
 @dataclass
 class BenchSampleConfig:
     mode: str = 'speed'  # 'speed': tokens/s; 'bf16': val loss and greedy text in bf16 against fp32
-    out_dir: str = ''  # a training run's folder to take the model from; '' builds the shape below (speed only)
+    # a training run's folder to take the model from; '' builds the shape below (speed only)
+    out_dir: str = ''
     ckpt: str = 'best.pt'
     # the shape without out_dir: config/train_shakespeare_char.py's baby GPT on its 65 characters
     n_layer: int = 6
@@ -42,13 +45,14 @@ class BenchSampleConfig:
     max_new_tokens: int = 1000
     batch_size: int = 1  # sequences sampled together
     use_cache: str = 'both'  # 'on', 'off' or 'both'
-    dtypes: str = 'auto,float32'  # for the cached path, comma-separated; 'auto': sample.py's default
+    dtypes: str = 'auto,float32'  # of the cached path, comma-separated; 'auto': sample.py's default
     repeats: int = 3  # timed runs of each path, after a warm-up; the fastest is reported
     # bf16
     data_dir: str = ''  # the checkpoint's dataset folder (val.bin, meta.json); '' is data/<dataset>
     dataset: str = 'shakespeare_char'
-    eval_iters: int = 30  # val batches of 64 windows for the loss (30 x 64 x 64: about tiny Shakespeare's val split)
-    n_prompts: int = 20  # greedy continuations, of prompts from evenly spaced places in the val text
+    # val batches of 64 windows for the loss (30 x 64 x 64: about tiny Shakespeare's val split)
+    eval_iters: int = 30
+    n_prompts: int = 20  # greedy continuations of prompts from evenly spaced places in the val text
     greedy_prompt_len: int = 32
     greedy_tokens: int = 50  # tokens per continuation that must agree
     seed: int = 1337
@@ -71,28 +75,34 @@ def time_generate(model, idx, cfg, device, use_cache, dtype, n):
 
 
 def speed(cfg, model, device):
-    dtypes = list(dict.fromkeys(resolve_sample_dtype(d.strip(), device, cfg.batch_size) for d in cfg.dtypes.split(',')))
+    dtypes = list(dict.fromkeys(resolve_sample_dtype(d.strip(), device, cfg.batch_size)
+                                for d in cfg.dtypes.split(',')))
     caches = {'on': [True], 'off': [False], 'both': [True, False]}.get(cfg.use_cache)
     if caches is None:
         raise UserError(f"use_cache must be 'on', 'off' or 'both', got {cfg.use_cache!r}")
     if cfg.prompt_len < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.repeats < 1:
         raise UserError("prompt_len, max_new_tokens, batch_size and repeats must be positive")
     c = model.config
-    print(f"{c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context {c.block_size}, vocab {c.vocab_size}; "
-          f"batch {cfg.batch_size}, prompt {cfg.prompt_len}, {cfg.max_new_tokens} new tokens; {device}, "
+    print(f"{c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context {c.block_size}, "
+          f"vocab {c.vocab_size}; batch {cfg.batch_size}, prompt {cfg.prompt_len}, "
+          f"{cfg.max_new_tokens} new tokens; {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     g = torch.Generator().manual_seed(cfg.seed)
     idx = torch.randint(c.vocab_size, (cfg.batch_size, cfg.prompt_len), generator=g).to(device)
     # no cache: the classic loop, the baseline, in fp32
-    paths = [(use_cache, dtype) for use_cache in caches for dtype in (dtypes if use_cache else ['float32'])]
+    paths = [(use_cache, dtype) for use_cache in caches
+             for dtype in (dtypes if use_cache else ['float32'])]
     for path in paths:
-        time_generate(model, idx, cfg, device, *path, min(cfg.max_new_tokens, 10))  # warm-up: allocate, pick kernels
-    # the paths take turns, repeats times, and each keeps its fastest run: a machine whose speed drifts
-    # (a shared host) then slows them alike, rather than whichever happened to run in a slow minute
+        # warm-up: allocate, pick kernels
+        time_generate(model, idx, cfg, device, *path, min(cfg.max_new_tokens, 10))
+    # the paths take turns, repeats times, and each keeps its fastest run:
+    # a machine whose speed drifts (a shared host) then slows them alike,
+    # rather than whichever happened to run in a slow minute
     best = {path: float('inf') for path in paths}
     for _ in range(cfg.repeats):
         for path in paths:
-            best[path] = min(best[path], time_generate(model, idx, cfg, device, *path, cfg.max_new_tokens))
+            best[path] = min(best[path],
+                             time_generate(model, idx, cfg, device, *path, cfg.max_new_tokens))
     results = {}
     for path, dt in best.items():
         results[path] = cfg.batch_size * cfg.max_new_tokens / dt
@@ -100,24 +110,28 @@ def speed(cfg, model, device):
     base = results.get((False, 'float32'))  # the classic loop
     for (use_cache, dtype), tps in results.items():
         if base and (use_cache, dtype) != (False, 'float32'):
-            print(f"{path_name(use_cache, dtype)}: {tps / base:.1f}x the tokens/s of no cache, float32")
+            print(f"{path_name(use_cache, dtype)}: "
+                  f"{tps / base:.1f}x the tokens/s of no cache, float32")
     return results
 
 
 def bf16_check(cfg, model, vocab, device):
     if min(cfg.eval_iters, cfg.n_prompts, cfg.greedy_prompt_len, cfg.greedy_tokens) < 1:
-        raise UserError("eval_iters, n_prompts, greedy_prompt_len and greedy_tokens must be positive")
+        raise UserError("eval_iters, n_prompts, greedy_prompt_len and greedy_tokens "
+                        "must be positive")
     data_vocab, splits = open_dataset(cfg.dataset, cfg.data_dir, model.config.block_size)
     if data_vocab != vocab:
-        raise UserError(f"the checkpoint was trained on another vocabulary than {cfg.data_dir or cfg.dataset}")
+        raise UserError("the checkpoint was trained on another vocabulary than "
+                        f"{cfg.data_dir or cfg.dataset}")
     val = splits['val']
     # the val loss as train.py estimates it: the mean over eval_iters fixed random batches
-    loss = {dtype: estimate_loss(model, {'val': val}, cfg.eval_iters, 64, model.config.block_size, cfg.seed,
-                                 device, autocast_context(device, dtype))['val']
+    loss = {dtype: estimate_loss(model, {'val': val}, cfg.eval_iters, 64, model.config.block_size,
+                                 cfg.seed, device, autocast_context(device, dtype))['val']
             for dtype in ('float32', 'bfloat16')}
     model.eval()
-    print(f"val loss over {cfg.eval_iters} x 64 windows of {model.config.block_size}: float32 {loss['float32']:.5f}, "
-          f"bfloat16 {loss['bfloat16']:.5f}, difference {loss['bfloat16'] - loss['float32']:+.5f}")
+    print(f"val loss over {cfg.eval_iters} x 64 windows of {model.config.block_size}: "
+          f"float32 {loss['float32']:.5f}, bfloat16 {loss['bfloat16']:.5f}, "
+          f"difference {loss['bfloat16'] - loss['float32']:+.5f}")
 
     L = cfg.greedy_prompt_len
     stride = (len(val) - L) // cfg.n_prompts
@@ -127,9 +141,11 @@ def bf16_check(cfg, model, vocab, device):
     for dtype in ('float32', 'bfloat16'):
         with torch.no_grad(), autocast_context(device, dtype):
             out[dtype] = generate(model, prompts, cfg.greedy_tokens, temperature=0.0)[:, L:]
-    same = (out['float32'] == out['bfloat16']).int().cumprod(dim=1).sum(dim=1)  # leading tokens that agree
+    # leading tokens that agree
+    same = (out['float32'] == out['bfloat16']).int().cumprod(dim=1).sum(dim=1)
     print(f"greedy continuations of {cfg.n_prompts} val prompts of {L} tokens: "
-          f"{(same == cfg.greedy_tokens).sum().item()} of {cfg.n_prompts} agree for all {cfg.greedy_tokens} tokens; "
+          f"{(same == cfg.greedy_tokens).sum().item()} of {cfg.n_prompts} agree "
+          f"for all {cfg.greedy_tokens} tokens; "
           f"agreeing prefix per prompt: {same.tolist()}")
     return loss, same
 
@@ -146,10 +162,11 @@ def main(cfg):
     elif cfg.mode == 'bf16':
         raise UserError("mode=bf16 needs a trained model: give --out_dir (and --data_dir)")
     else:
-        model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                              vocab_size=cfg.vocab_size, dropout=0.0))
+        model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                              block_size=cfg.block_size, vocab_size=cfg.vocab_size, dropout=0.0))
     model.eval().to(device)
-    return speed(cfg, model, device) if cfg.mode == 'speed' else bf16_check(cfg, model, vocab, device)
+    return (speed(cfg, model, device) if cfg.mode == 'speed'
+            else bf16_check(cfg, model, vocab, device))
 
 
 if __name__ == '__main__':

@@ -1,21 +1,22 @@
 """
 Checkpoints: the format, written crash-safely, read safely, and turned back into a model or a run.
 
-A checkpoint is one dict of plain tensors and Python types (so it loads with weights_only=True, which
-cannot run code hidden in a file someone sent you):
-    format_version, model (the raw, uncompiled, unwrapped state_dict), optimizer, scaler, model_args,
-    config (the full run config), iter_num (steps done), best_val_loss, vocab (a tokenizer spec),
-    rng (every random state the run's future depends on).
+A checkpoint is one dict of plain tensors and Python types (so it loads with weights_only=True,
+which cannot run code hidden in a file someone sent you):
+    format_version, model (the raw, uncompiled, unwrapped state_dict), optimizer, scaler,
+    model_args, config (the full run config), iter_num (steps done), best_val_loss,
+    vocab (a tokenizer spec), rng (every random state the run's future depends on).
 
 In out_dir:
     ckpt.pt       the latest state: what init_from='resume' continues
     ckpt_prev.pt  the ckpt.pt before it, to step back to if the latest went bad
-    best.pt       the one with the lowest val loss so far: what sample.py reads; only a better one replaces it
+    best.pt       the one with the lowest val loss so far: what sample.py reads; only a better one
+                  replaces it
 Names are only ever replaced whole. A new checkpoint is written to ckpt.pt.tmp and fsynced, and only
 then do the names move (hard links and renames, each atomic): at every moment, a crash or SIGKILL
 included, ckpt.pt is a complete checkpoint, the new one or the one before. A leftover *.tmp is an
-unfinished save: nothing reads it, and the next save removes it. Hard links mean no copies: the three
-names hold at most three distinct files (plus the one being written).
+unfinished save: nothing reads it, and the next save removes it. Hard links mean no copies: the
+three names hold at most three distinct files (plus the one being written).
 """
 
 import os
@@ -57,7 +58,8 @@ def _write_synced(obj, path):
 def _link_over(src, dst):
     """Make dst name the same file as src, atomically: dst is the old file or src, never partial."""
     if os.path.exists(dst) and os.path.samefile(src, dst):
-        return  # already done (before a crash); renaming one link of a file over another would do nothing
+        # already done (before a crash); renaming one link of a file over another would do nothing
+        return
     tmp = dst + '.tmp'
     try:
         os.link(src, tmp)  # a hard link: no second copy on disk
@@ -72,14 +74,16 @@ def save_checkpoint(ckpt, out_dir, is_best):
     """Write ckpt.pt, keep the one it replaces as ckpt_prev.pt, and when is_best make best.pt the
     same file. best.pt changes only here, so only a model the caller found better replaces it."""
     os.makedirs(out_dir, exist_ok=True)
-    path, prev, best = (os.path.join(out_dir, name) for name in ('ckpt.pt', 'ckpt_prev.pt', 'best.pt'))
+    path, prev, best = (os.path.join(out_dir, name)
+                        for name in ('ckpt.pt', 'ckpt_prev.pt', 'best.pt'))
     tmp = path + '.tmp'
     for stale in (tmp, prev + '.tmp', best + '.tmp'):  # what a crash in an earlier save left behind
         if os.path.exists(stale):
             os.remove(stale)  # (so that writing never goes into a file that another name shares)
     _write_synced(ckpt, tmp)  # all the slow writing happens here, before any name moves
     if os.path.exists(path):
-        _link_over(path, prev)  # for a moment ckpt_prev.pt and ckpt.pt are the same file: both loadable
+        # for a moment ckpt_prev.pt and ckpt.pt are the same file: both loadable
+        _link_over(path, prev)
     os.replace(tmp, path)
     if is_best:
         _link_over(path, best)
@@ -89,20 +93,24 @@ def save_checkpoint(ckpt, out_dir, is_best):
 def load_checkpoint(path, device='cpu'):
     """Read a checkpoint dict safely; a missing, foreign or corrupt file is a UserError."""
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path} (train one first, or point --out_dir at the run's folder)")
+        raise UserError(f"no checkpoint at {path} "
+                        "(train one first, or point --out_dir at the run's folder)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        reason = f"{type(e).__name__}: {e}".split('\n')[0][:200]  # (an empty file's error has no message)
-        raise UserError(f"checkpoint {path} cannot be read ({reason}); it is corrupt or not a nanogpt "
-                        "checkpoint: use another one, e.g. ckpt_prev.pt or best.pt beside it") from None
+        # the type's name too: an empty file's error has no message
+        reason = f"{type(e).__name__}: {e}".split('\n')[0][:200]
+        raise UserError(f"checkpoint {path} cannot be read ({reason}); it is corrupt or not a "
+                        "nanogpt checkpoint: use another one, e.g. ckpt_prev.pt or best.pt "
+                        "beside it") from None
     if not isinstance(ckpt, dict) or ckpt.get('format_version') != FORMAT_VERSION:
         raise UserError(f"{path} is not a nanogpt checkpoint of format version {FORMAT_VERSION}")
     return ckpt
 
 
 def model_from_checkpoint(ckpt, dropout=None):
-    """The GPT a checkpoint holds, on the CPU, in fp32; dropout may be overridden (e.g. 0 to sample)."""
+    """The GPT a checkpoint holds, on the CPU, in fp32; dropout may be overridden
+    (e.g. 0 to sample)."""
     args = dict(ckpt['model_args'])
     if dropout is not None:
         args['dropout'] = dropout
@@ -110,11 +118,12 @@ def model_from_checkpoint(ckpt, dropout=None):
     try:
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not fit its model_args ({' '.join(str(e).split())[:300]})") from None
+        raise UserError("checkpoint weights do not fit its model_args "
+                        f"({' '.join(str(e).split())[:300]})") from None
     return model
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # a training run's state: what a resume needs to continue exactly
 
 def recorded_model_args(config):
@@ -136,20 +145,24 @@ def set_rng_state(state):
     torch.set_rng_state(state['torch'])
     name, keys, *rest = state['numpy']
     np.random.set_state((name, keys.numpy(), *rest))
-    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+    if (state['cuda'] and torch.cuda.is_available()
+            and len(state['cuda']) == torch.cuda.device_count()):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
 def build_checkpoint(model, optimizer, scaler, cfg, iter_num, best_val_loss, vocab):
-    """The checkpoint dict of a run after iter_num steps; model is the raw (uncompiled, unwrapped) GPT."""
-    return {'format_version': FORMAT_VERSION, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'scaler': scaler.state_dict(), 'model_args': recorded_model_args(model.config),
-            'config': asdict(cfg), 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'vocab': vocab,
+    """The checkpoint dict of a run after iter_num steps;
+    model is the raw (uncompiled, unwrapped) GPT."""
+    return {'format_version': FORMAT_VERSION, 'model': model.state_dict(),
+            'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+            'model_args': recorded_model_args(model.config), 'config': asdict(cfg),
+            'iter_num': iter_num, 'best_val_loss': best_val_loss, 'vocab': vocab,
             'rng': rng_state()}
 
 
 def restore_training(ckpt, optimizer, scaler):
-    """Put the optimizer, the gradient scaler and every random generator back as the checkpoint left them."""
+    """Put the optimizer, the gradient scaler and every random generator back
+    as the checkpoint left them."""
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
     set_rng_state(ckpt['rng'])
@@ -158,52 +171,62 @@ def restore_training(ckpt, optimizer, scaler):
 def init_model(cfg, vocab, vocab_size, verbose=True):
     """The model a training run starts from, on the CPU, and the checkpoint it resumes (else None):
     cfg.init_from='scratch' (a new GPT of cfg's shape), 'resume' (out_dir/ckpt.pt, checked against
-    cfg), or a GPT-2 (OpenAI's name or a Hugging Face folder, its context cropped to cfg.block_size).
-    vocab is the dataset's spec (None for random tokens); vocab_size the model's embedding rows."""
+    cfg), or a GPT-2 (OpenAI's name or a Hugging Face folder, its context cropped to
+    cfg.block_size). vocab is the dataset's spec (None for random tokens); vocab_size the model's
+    embedding rows."""
     say = print if verbose else (lambda *a, **k: None)
     if cfg.init_from == 'scratch':
         say(f"initialising a new model, vocab_size {vocab_size}")
-        return GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}, vocab_size=vocab_size)), None
+        return GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS},
+                             vocab_size=vocab_size)), None
     if cfg.init_from == 'resume':
         path = os.path.join(cfg.out_dir, 'ckpt.pt')
         ckpt = load_checkpoint(path)
         if ckpt['vocab'] != vocab:
-            raise UserError(f"{path} was trained with another vocabulary than dataset '{cfg.dataset}': "
-                            f"resume with --dataset={ckpt['config']['dataset']!r} (or its data_dir)")
-        # Compare with the run config the checkpoint was trained with, not its model_args: a run started
-        # from GPT-2 took its shape from the pretrained model, whatever n_layer etc. it was given.
+            raise UserError(f"{path} was trained with another vocabulary than dataset "
+                            f"'{cfg.dataset}': resume with --dataset={ckpt['config']['dataset']!r} "
+                            "(or its data_dir)")
+        # Compare with the run config the checkpoint was trained with, not its model_args:
+        # a run started from GPT-2 took its shape from the pretrained model,
+        # whatever n_layer etc. it was given.
         defaults = type(cfg)()  # for keys older checkpoints did not have yet
         for key in (*MODEL_KEYS[:-1], 'optimizer'):  # all but dropout, which may change
             trained, asked = ckpt['config'].get(key, getattr(defaults, key)), getattr(cfg, key)
             if trained != asked:
-                why = f" (it learned positions for {trained} tokens only)" if key == 'block_size' else ''
-                raise UserError(f"{path} has {key}={trained!r} but this run asks for {asked!r}{why}: "
-                                f"resume with --{key}={trained!r}")
+                why = (f" (it learned positions for {trained} tokens only)"
+                       if key == 'block_size' else '')
+                raise UserError(f"{path} has {key}={trained!r} but this run asks for "
+                                f"{asked!r}{why}: resume with --{key}={trained!r}")
         if ckpt['iter_num'] >= cfg.max_iters and not cfg.eval_only:
-            raise UserError(f"{path} is at iter {ckpt['iter_num']}, max_iters is {cfg.max_iters}: nothing to "
-                            "train; raise --max_iters (or evaluate it with --eval_only=True)")
-        say(f"resuming from {path} at step {ckpt['iter_num']} (best val loss {ckpt['best_val_loss']:.4f})")
+            raise UserError(f"{path} is at iter {ckpt['iter_num']}, max_iters is {cfg.max_iters}: "
+                            "nothing to train; raise --max_iters "
+                            "(or evaluate it with --eval_only=True)")
+        say(f"resuming from {path} at step {ckpt['iter_num']} "
+            f"(best val loss {ckpt['best_val_loss']:.4f})")
         return model_from_checkpoint(ckpt, dropout=cfg.dropout), ckpt
     if vocab != GPT2_VOCAB:
-        raise UserError(f"init_from={cfg.init_from!r} reads GPT-2's BPE, but dataset '{cfg.dataset}' has a "
-                        f"{vocab['kind']} vocabulary: use a GPT-2 BPE dataset such as shakespeare or openwebtext")
+        raise UserError(f"init_from={cfg.init_from!r} reads GPT-2's BPE, but dataset "
+                        f"'{cfg.dataset}' has a {vocab['kind']} vocabulary: "
+                        "use a GPT-2 BPE dataset such as shakespeare or openwebtext")
     model = from_pretrained(cfg.init_from, dropout=cfg.dropout)
     if cfg.block_size > model.config.block_size:
-        raise UserError(f"{cfg.init_from} has {model.config.block_size} positions, fewer than block_size "
-                        f"{cfg.block_size}: use --block_size={model.config.block_size} or less")
+        raise UserError(f"{cfg.init_from} has {model.config.block_size} positions, fewer than "
+                        f"block_size {cfg.block_size}: "
+                        f"use --block_size={model.config.block_size} or less")
     if model.config.vocab_size < vocab_size:
-        raise UserError(f"{cfg.init_from} has {model.config.vocab_size} token embeddings, fewer than GPT-2's "
-                        f"{vocab_size}: it is not a GPT-2 BPE model")
+        raise UserError(f"{cfg.init_from} has {model.config.vocab_size} token embeddings, "
+                        f"fewer than GPT-2's {vocab_size}: it is not a GPT-2 BPE model")
     model.crop_block_size(cfg.block_size)
-    say(f"initialising from OpenAI's GPT-2 weights: {cfg.init_from}, {model.get_num_params() / 1e6:.2f}M "
-        f"parameters, block_size {cfg.block_size}")
+    say(f"initialising from OpenAI's GPT-2 weights: {cfg.init_from}, "
+        f"{model.get_num_params() / 1e6:.2f}M parameters, block_size {cfg.block_size}")
     return model, None
 
 
 def load_model(init_from='resume', out_dir='out', ckpt_name='best.pt'):
     """A model to sample or evaluate, in eval mode without dropout, on the CPU, in fp32, with its
     tokenizer and its checkpoint dict: from out_dir/ckpt_name (init_from='resume'; an absolute
-    ckpt_name reads one from elsewhere), or OpenAI's GPT-2 / a Hugging Face folder (checkpoint None)."""
+    ckpt_name reads one from elsewhere), or OpenAI's GPT-2 / a Hugging Face folder
+    (checkpoint None)."""
     if init_from == 'resume':
         ckpt = load_checkpoint(os.path.join(out_dir, ckpt_name))
         return model_from_checkpoint(ckpt, dropout=0.0).eval(), Tokenizer(ckpt['vocab']), ckpt

@@ -6,9 +6,10 @@ Each script declares its knobs as a dataclass of defaults and ends with `cli(mai
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 
 A config file is plain Python run in its own namespace, seeded with the values so far (so a file can
-say `lr_decay_iters = max_iters`); every public name it binds must be a known key. A flag's value is a
-Python literal (`--lr=3e-4`, `--bias=False`); a bare word is taken as a string only for string keys.
-An int may stand for a float, a bool never for an int. Mistakes are a one-line error naming the key.
+say `lr_decay_iters = max_iters`); every public name it binds must be a known key.
+A flag's value is a Python literal (`--lr=3e-4`, `--bias=False`); a bare word is taken as a string
+only for string keys. An int may stand for a float, a bool never for an int. Mistakes are a one-line
+error naming the key.
 A config file is Python and runs as such, with your permissions: run only config files you trust.
 """
 
@@ -25,7 +26,8 @@ from errors import UserError
 
 def _allowed_types(cls, key):
     hint = typing.get_type_hints(cls)[key]
-    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return (typing.get_args(hint)
+            if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,))
 
 
 def _check_type(cls, key, value):

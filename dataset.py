@@ -1,6 +1,6 @@
 """
-A dataset prepared by data/<name>/prepare.py: train.bin and val.bin (uint16 token ids, no header) and
-meta.json (the vocabulary spec). The bins are memory-mapped, never loaded whole.
+A dataset prepared by data/<name>/prepare.py: train.bin and val.bin (uint16 token ids, no header)
+and meta.json (the vocabulary spec). The bins are memory-mapped, never loaded whole.
 
 Batches are a function of (seed, split, index) only: a run sees the same data whatever the number of
 processes, and a resumed run the same data as one that never stopped.
@@ -26,7 +26,8 @@ def open_dataset(dataset, data_dir='', block_size=1):
     prepare = os.path.join('data', dataset, 'prepare.py')
     meta_path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(meta_path):
-        raise UserError(f"dataset '{dataset}' not found in {data_dir}: run `python {prepare}` first")
+        raise UserError(f"dataset '{dataset}' not found in {data_dir}: "
+                        f"run `python {prepare}` first")
     with open(meta_path) as f:
         vocab = json.load(f)['vocab']
     splits = {}
@@ -34,7 +35,8 @@ def open_dataset(dataset, data_dir='', block_size=1):
         path = os.path.join(data_dir, f'{split}.bin')
         if not os.path.isfile(path):
             raise UserError(f"{path} is missing: run `python {prepare}` again")
-        data = np.memmap(path, dtype=np.uint16, mode='r') if os.path.getsize(path) else np.zeros(0, np.uint16)
+        data = (np.memmap(path, dtype=np.uint16, mode='r') if os.path.getsize(path)
+                else np.zeros(0, np.uint16))
         if len(data) <= block_size:
             raise UserError(f"the {split} split of '{dataset}' has {len(data)} tokens, too few for "
                             f"block_size {block_size}: use a smaller --block_size or more text")
@@ -44,16 +46,20 @@ def open_dataset(dataset, data_dir='', block_size=1):
 
 def batch_seed(seed, split, index):
     """The generator seed of one batch: a function of (seed, split, index) only."""
-    return (seed * 4 + {'train': 0, 'val': 1, 'eval_train': 2, 'eval_val': 3}[split]) * 2**32 + index
+    stream = {'train': 0, 'val': 1, 'eval_train': 2, 'eval_val': 3}[split]
+    return (seed * 4 + stream) * 2**32 + index
 
 
 def get_windows(data, offsets, block_size, device='cpu'):
-    """Inputs x and targets y (len(offsets), block_size) of the windows of `data` starting at `offsets`."""
+    """Inputs x and targets y (len(offsets), block_size) of the windows of `data`
+    starting at `offsets`."""
     w = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in offsets]).astype(np.int64))
-    x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()  # y is x shifted by one: each position predicts the next
+    # y is x shifted by one: each position predicts the next
+    x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
     if device.startswith('cuda'):
         # pinned host memory lets the copy run asynchronously while the GPU works
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
     return x.to(device), y.to(device)
 
 
@@ -90,7 +96,8 @@ def estimate_loss(model, splits, eval_iters, batch_size, block_size, seed, devic
     for split, data in splits.items():
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
-            x, y = get_batch(data, block_size, batch_size, batch_seed(seed, 'eval_' + split, k), device=device)
+            x, y = get_batch(data, block_size, batch_size, batch_seed(seed, 'eval_' + split, k),
+                             device=device)
             with ctx or nullcontext():
                 _, loss = model(x, y)
             losses[k] = loss.item()

@@ -30,15 +30,16 @@ def resolve_device(device):
     if device_type not in ('cuda', 'mps', 'cpu'):
         raise UserError(f"unknown device '{device}' (use auto, cpu, cuda, cuda:N or mps)")
     if device_type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' asked for, but CUDA is not available (try --device=cpu)")
+        raise UserError(f"device '{device}' asked for, but CUDA is not available "
+                        "(try --device=cpu)")
     if device_type == 'mps' and not torch.backends.mps.is_available():
         raise UserError(f"device '{device}' asked for, but mps is not available (try --device=cpu)")
     return device
 
 
 def resolve_dtype(dtype, device):
-    """'auto': bf16 on CUDA that supports it, else fp16 on CUDA, else fp32. fp16 is refused off CUDA,
-    where there is no GradScaler to keep its small gradients from underflowing."""
+    """'auto': bf16 on CUDA that supports it, else fp16 on CUDA, else fp32. fp16 is refused off
+    CUDA, where there is no GradScaler to keep its small gradients from underflowing."""
     device_type = device.split(':')[0]
     if dtype == 'auto':
         if device_type == 'cuda':
@@ -47,30 +48,33 @@ def resolve_dtype(dtype, device):
     if dtype not in ('float32', 'bfloat16', 'float16'):
         raise UserError(f"unknown dtype '{dtype}' (use auto, float32, bfloat16 or float16)")
     if dtype == 'float16' and device_type != 'cuda':
-        raise UserError(f"dtype float16 needs CUDA; on {device_type} use --dtype=bfloat16 or float32")
+        raise UserError("dtype float16 needs CUDA; "
+                        f"on {device_type} use --dtype=bfloat16 or float32")
     return dtype
 
 
 def cpu_has_native_bf16(cpuinfo='/proc/cpuinfo'):
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX, read from the flags in Linux's
-    /proc/cpuinfo; False elsewhere). Without it a bf16 matmul converts to fp32 as it goes."""
-    if torch.backends.cpu.get_cpu_capability() != 'AVX512':  # the kernels PyTorch picked for this CPU
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX, read from the flags in
+    Linux's /proc/cpuinfo; False elsewhere).
+    Without it a bf16 matmul converts to fp32 as it goes."""
+    if torch.backends.cpu.get_cpu_capability() != 'AVX512':  # PyTorch's kernel choice for this CPU
         return False
     try:
         with open(cpuinfo) as f:
-            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+            flags = next((line.split(':', 1)[1].split()
+                          for line in f if line.startswith('flags')), [])
     except OSError:
         return False
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 
 def resolve_sample_dtype(dtype, device, batch_size=1):
-    """dtype for generation. A decode step reads every weight for only batch_size rows, so it is bound
-    by memory bandwidth, and bf16 weights halve the bytes (prefills stay in fp32: see generation.py).
-    'auto' is bf16 where that is faster, else fp32: on CUDA with bf16; on CPUs with native bf16; and on
-    x86 CPUs with AVX2 or AVX-512 for a few rows, whose bf16 matrix-vector kernels convert to fp32 as
-    they read, while a bf16 matrix product of many rows takes a slow path without bf16 units
-    (docs/sampling.md has the measurements). Other values as in resolve_dtype."""
+    """dtype for generation. A decode step reads every weight for only batch_size rows, so it is
+    bound by memory bandwidth, and bf16 weights halve the bytes (prefills stay in fp32: see
+    generation.py). 'auto' is bf16 where that is faster, else fp32: on CUDA with bf16; on CPUs with
+    native bf16; and on x86 CPUs with AVX2 or AVX-512 for a few rows, whose bf16 matrix-vector
+    kernels convert to fp32 as they read, while a bf16 matrix product of many rows takes a slow path
+    without bf16 units (docs/sampling.md has the measurements). Other values as in resolve_dtype."""
     if dtype != 'auto':
         return resolve_dtype(dtype, device)
     device_type = device.split(':')[0]
@@ -112,13 +116,15 @@ class Device:
 
 
 def setup(device='auto', dtype='auto', compile=False, sample_rows=None, threads=0):
-    """Resolve device, dtype and compile, and set up the process for them. sample_rows: the dtype is
-    chosen for generating that many rows at once (resolve_sample_dtype) rather than for training.
-    threads: PyTorch's CPU threads (0 keeps its default, one per core)."""
+    """Resolve device, dtype and compile, and set up the process for them. sample_rows: the dtype
+    is chosen for generating that many rows at once (resolve_sample_dtype) rather than for
+    training. threads: PyTorch's CPU threads (0 keeps its default, one per core)."""
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device) if sample_rows is None else resolve_sample_dtype(dtype, device, sample_rows)
+    dtype = (resolve_dtype(dtype, device) if sample_rows is None
+             else resolve_sample_dtype(dtype, device, sample_rows))
     if device.startswith('cuda'):
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores, 10-bit mantissa
+        # fp32 matmuls on tensor cores, 10-bit mantissa
+        torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if threads:
         torch.set_num_threads(threads)
@@ -131,15 +137,17 @@ GPU_PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12
 
 
 def peak_flops(device, dtype='float32'):
-    """The FLOP/s that MFU is measured against: the data-sheet peak of a known GPU (A100 if unknown),
-    or on CPU and mps a quick measurement of this machine's own matmul throughput (~0.2 s)."""
+    """The FLOP/s that MFU is measured against: the data-sheet peak of a known GPU (A100 if
+    unknown), or on CPU and mps a quick measurement of this machine's own matmul throughput (the
+    best of five 1024 x 1024 products; docs/speed.md)."""
     device_type = device.split(':')[0]
     if device_type == 'cuda':
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 312e12)
     n = 1024
     tdtype = getattr(torch, dtype)
-    a = torch.full((n, n), 0.5, device=device, dtype=tdtype)  # not randn: that would move the global RNG
+    # not randn: that would move the global RNG
+    a = torch.full((n, n), 0.5, device=device, dtype=tdtype)
     b = torch.full((n, n), 0.5, device=device, dtype=tdtype)
     best = float('inf')
     for _ in range(5):

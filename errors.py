@@ -2,5 +2,5 @@
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad config, missing file, ...): printed as one line, no traceback,
-    by configurator.cli, with exit status 2."""
+    """A mistake the user can fix (bad config, missing file, ...): printed as one line, no
+    traceback, by configurator.cli, with exit status 2."""

@@ -2,7 +2,7 @@
 Evaluate a model on a whole split of a dataset: the exact next-token loss, perplexity, bits per
 token, character and byte, and BLEU of generated continuations against the real ones.
 
-    python eval.py --out_dir=out-shakespeare-char-cpu                  # best.pt, on the val split of its dataset
+    python eval.py --out_dir=out-shakespeare-char-cpu  # best.pt, on the val split of its dataset
     python eval.py --out_dir=out-shakespeare-char --ckpt=ckpt.pt --split=train --max_tokens=100000
     python eval.py --init_from=gpt2 --dataset=openwebtext --out_dir=out-eval-gpt2 --bleu_samples=0
 
@@ -35,25 +35,30 @@ from generation import generate
 class EvalConfig:
     out_dir: str = 'out'  # the training run's folder; the JSON of results is written here too
     ckpt: str = 'best.pt'  # which checkpoint in out_dir (an absolute path reads one from elsewhere)
-    init_from: str = 'resume'  # 'resume' (the checkpoint above), or a GPT-2: 'gpt2'...'gpt2-xl' or a local HF folder
+    # 'resume' (the checkpoint above), or a GPT-2: 'gpt2'...'gpt2-xl' or a local HF folder
+    init_from: str = 'resume'
     dataset: str = ''  # a folder under data/; '' = the dataset the checkpoint was trained on
     data_dir: str = ''  # read the dataset from here instead of data/<dataset>
     split: str = 'val'  # 'val' or 'train'
     # loss
     block_size: int = 0  # tokens of context per window; 0 = the model's block_size
-    stride: int = 0  # tokens a window advances; 0 = block_size // 2. Smaller: more context per token, slower
-    batch_size: int = 8  # windows per forward pass; the logits take batch_size x block_size x vocab_size x 4 bytes
-    max_tokens: int = 0  # evaluate only the first max_tokens tokens of the split (quick runs); 0 = all
+    # tokens a window advances; 0 = block_size // 2. Smaller: more context per token, slower
+    stride: int = 0
+    # windows per forward pass; the logits take batch_size x block_size x vocab_size x 4 bytes
+    batch_size: int = 8
+    max_tokens: int = 0  # evaluate only the first max_tokens of the split (quick runs); 0 = all
     # BLEU
     bleu_samples: int = 100  # prompts drawn from the split; 0 skips BLEU
     bleu_prompt_tokens: int = 128  # tokens of real text the model continues
     bleu_tokens: int = 128  # tokens of the real and of the generated continuation
-    temperature: float = 0.0  # 0 is greedy decoding; > 0 samples, and the texts then also depend on batch_size
+    # 0 is greedy decoding; > 0 samples, and the texts then also depend on batch_size
+    temperature: float = 0.0
     top_k: int | None = None  # when sampling, only among the k most likely tokens; None for all
     seed: int = 1337  # draws the prompts (and the samples when temperature > 0)
     # system
     device: str = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype: str = 'float32'  # float32 for exact figures; 'bfloat16' is faster on GPUs (logits are still scored in fp32)
+    # float32 for exact figures; 'bfloat16' is faster on GPUs (logits are still scored in fp32)
+    dtype: str = 'float32'
 
 
 def check_config(cfg):
@@ -70,15 +75,16 @@ def check_config(cfg):
     if cfg.top_k is not None and cfg.top_k <= 0:
         raise UserError(f"top_k must be positive or None, got {cfg.top_k}")
     if cfg.init_from != 'resume' and not (cfg.dataset or cfg.data_dir):
-        raise UserError(f"say which data to evaluate {cfg.init_from} on: --dataset=NAME (a folder under data/) "
-                        "or --data_dir=DIR")
+        raise UserError(f"say which data to evaluate {cfg.init_from} on: "
+                        "--dataset=NAME (a folder under data/) or --data_dir=DIR")
 
 
 def import_sacrebleu():
     try:
         import sacrebleu
     except ImportError:
-        raise UserError("BLEU needs sacrebleu: pip install sacrebleu (or skip BLEU with --bleu_samples=0)") from None
+        raise UserError("BLEU needs sacrebleu: pip install sacrebleu "
+                        "(or skip BLEU with --bleu_samples=0)") from None
     return sacrebleu
 
 
@@ -90,7 +96,7 @@ def progress_bar(**kwargs):
     return tqdm(**kwargs)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # loss over a whole split
 
 def sliding_windows(n, block_size, stride):
@@ -111,7 +117,8 @@ def sliding_windows(n, block_size, stride):
 
 
 @torch.no_grad()
-def split_loss(model, data, block_size, stride, batch_size, device='cpu', ctx=nullcontext(), progress=True):
+def split_loss(model, data, block_size, stride, batch_size, device='cpu', ctx=nullcontext(),
+               progress=True):
     """Sum of the next-token losses (nats) of tokens 1 .. len(data)-1 of `data`, and their count."""
     begins, scored = sliding_windows(len(data), block_size, stride)
     bar = progress_bar(total=sum(scored), unit='tok', desc='loss', disable=not progress)
@@ -123,8 +130,10 @@ def split_loss(model, data, block_size, stride, batch_size, device='cpu', ctx=nu
         # out of place, as y may share memory with x
         y = y.masked_fill(torch.arange(block_size, device=device) < block_size - n_new[:, None], -1)
         with ctx:
-            logits, _ = model(x, y)  # given targets, the model returns the logits of every position: (B, T, vocab)
-        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction='none')
+            # given targets, the model returns the logits of every position: (B, T, vocab)
+            logits, _ = model(x, y)
+        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
+                               reduction='none')
         # one sum per window, added up below in window order: the total doesn't depend on batch_size
         window_nats += nats.view(len(n_new), block_size).double().sum(1).tolist()
         bar.update(int(n_new.sum()))
@@ -142,7 +151,7 @@ def text_size(data, tokenizer):
     return int(counts @ n_bytes), int(counts @ n_chars)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # BLEU of generated text
 
 def draw_prompts(data, n, prompt_tokens, tokens, seed):
@@ -150,8 +159,9 @@ def draw_prompts(data, n, prompt_tokens, tokens, seed):
     a prompt (prompt_tokens) and its real continuation (tokens). Returns two int64 arrays."""
     span = prompt_tokens + tokens
     if n > len(data) // span:
-        raise UserError(f"the split holds only {len(data) // span} spans of {span} tokens for BLEU: "
-                        "use a smaller --bleu_samples, --bleu_prompt_tokens or --bleu_tokens")
+        raise UserError(f"the split holds only {len(data) // span} spans of {span} tokens "
+                        "for BLEU: use a smaller --bleu_samples, --bleu_prompt_tokens "
+                        "or --bleu_tokens")
     g = torch.Generator().manual_seed(seed)
     offsets = (torch.randperm(len(data) // span, generator=g)[:n] * span).tolist()
     w = np.stack([data[o:o + span] for o in offsets]).astype(np.int64)
@@ -165,8 +175,8 @@ def corpus_bleu(hypotheses, references):
     signature names the choices above, so that scores can be compared."""
     bleu = import_sacrebleu().BLEU()
     result = bleu.corpus_score(hypotheses, [references])
-    return {'bleu': result.score, 'bleu_precisions': result.precisions, 'bleu_brevity_penalty': result.bp,
-            'bleu_signature': str(bleu.get_signature())}
+    return {'bleu': result.score, 'bleu_precisions': result.precisions,
+            'bleu_brevity_penalty': result.bp, 'bleu_signature': str(bleu.get_signature())}
 
 
 def generate_continuations(model, prompts, cfg, device, ctx):
@@ -185,10 +195,11 @@ def generate_continuations(model, prompts, cfg, device, ctx):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def describe(vocab):
-    return f"{len(vocab['chars'])} characters" if vocab['kind'] == 'char' else f"BPE {vocab.get('encoding')}"
+    return (f"{len(vocab['chars'])} characters" if vocab['kind'] == 'char'
+            else f"BPE {vocab.get('encoding')}")
 
 
 def write_json(obj, path):
@@ -211,32 +222,38 @@ def main(cfg):
     name = os.path.join(cfg.out_dir, cfg.ckpt) if ckpt else cfg.init_from
     trained_on = {k: ckpt['config'].get(k, '') if ckpt else '' for k in ('dataset', 'data_dir')}
     if cfg.block_size > model.config.block_size:
-        raise UserError(f"block_size {cfg.block_size} is larger than the model's {model.config.block_size}, "
-                        "which has no position embeddings beyond it: use --block_size=0 (the model's)")
+        raise UserError(f"block_size {cfg.block_size} is larger than the model's "
+                        f"{model.config.block_size}, which has no position embeddings beyond it: "
+                        "use --block_size=0 (the model's)")
     block_size = cfg.block_size or model.config.block_size
     stride = cfg.stride or max(1, block_size // 2)
     if stride > block_size:
-        raise UserError(f"stride {stride} is larger than block_size {block_size}: tokens between windows "
-                        "would never be scored")
-    # the data defaults to what the checkpoint was trained on; naming a dataset resets its folder too
+        raise UserError(f"stride {stride} is larger than block_size {block_size}: "
+                        "tokens between windows would never be scored")
+    # the data defaults to what the checkpoint was trained on;
+    # naming a dataset resets its folder too
     dataset = cfg.dataset or trained_on['dataset']
     data_dir = cfg.data_dir or ('' if cfg.dataset else trained_on['data_dir'])
-    cfg = replace(cfg, dataset=dataset, data_dir=data_dir, block_size=block_size, stride=stride, device=device,
-                  dtype=dtype)  # resolved, as the JSON records them
+    # resolved, as the JSON records them
+    cfg = replace(cfg, dataset=dataset, data_dir=data_dir, block_size=block_size, stride=stride,
+                  device=device, dtype=dtype)
     vocab, splits = open_dataset(dataset, data_dir, block_size)
     if vocab != tokenizer.spec:
-        raise UserError(f"{name} was trained with another vocabulary ({describe(tokenizer.spec)}) than dataset "
-                        f"'{dataset}' ({describe(vocab)}): evaluate it on data tokenized as it was trained")
+        raise UserError(f"{name} was trained with another vocabulary ({describe(tokenizer.spec)}) "
+                        f"than dataset '{dataset}' ({describe(vocab)}): "
+                        "evaluate it on data tokenized as it was trained")
     data = splits[cfg.split][:cfg.max_tokens or None]
     if len(data) <= block_size:
         raise UserError(f"max_tokens {cfg.max_tokens} leaves too few tokens for one window of "
                         f"{block_size}: use a larger --max_tokens (or 0 for the whole split)")
-    print(f"evaluating {name} ({model.get_num_params() / 1e6:.2f}M parameters) on {dataset} {cfg.split}: "
+    print(f"evaluating {name} ({model.get_num_params() / 1e6:.2f}M parameters) "
+          f"on {dataset} {cfg.split}: "
           f"{len(data):,} tokens, windows of {block_size} every {stride}, {device}, {dtype}")
 
     nats, n_scored = split_loss(model, data, block_size, stride, cfg.batch_size, device, ctx)
     # Token 0 is never scored (nothing precedes it), so the text measured is that of tokens 1..n-1:
-    # their UTF-8 bytes, and the characters whose first byte is among them (see Tokenizer.text_sizes).
+    # their UTF-8 bytes, and the characters whose first byte is among them
+    # (see Tokenizer.text_sizes).
     n_bytes, n_chars = text_size(data[1:], tokenizer)
     bits = nats / math.log(2)
     loss = nats / n_scored
@@ -252,7 +269,8 @@ def main(cfg):
         'unit': 'character' if vocab['kind'] == 'char' else 'byte',
     }
     if cfg.bleu_samples:
-        prompts, real = draw_prompts(data, cfg.bleu_samples, cfg.bleu_prompt_tokens, cfg.bleu_tokens, cfg.seed)
+        prompts, real = draw_prompts(data, cfg.bleu_samples, cfg.bleu_prompt_tokens,
+                                     cfg.bleu_tokens, cfg.seed)
         generated = generate_continuations(model, prompts, cfg, device, ctx)
         references = [tokenizer.decode(r) for r in real.tolist()]
         hypotheses = [tokenizer.decode(g) for g in generated]
@@ -264,12 +282,14 @@ def main(cfg):
     own = {results['unit']: '  (the unit of this vocabulary)'}
     rows = [('loss (nats/token)', f"{loss:.4f}"), ('perplexity', f"{results['perplexity']:.3f}"),
             ('bits per token', f"{results['bits_per_token']:.4f}"),
-            ('bits per character', f"{results['bits_per_character']:.4f}" + own.get('character', '')),
+            ('bits per character',
+             f"{results['bits_per_character']:.4f}" + own.get('character', '')),
             ('bits per byte', f"{results['bits_per_byte']:.4f}" + own.get('byte', ''))]
     if cfg.bleu_samples:
         precisions = '/'.join(f'{p:.1f}' for p in results['bleu_precisions'])
-        rows.append(('BLEU', f"{results['bleu']:.2f}  (1- to 4-gram precisions {precisions} %, brevity penalty "
-                             f"{results['bleu_brevity_penalty']:.3f}; {results['bleu_signature']})"))
+        rows.append(('BLEU', f"{results['bleu']:.2f}  (1- to 4-gram precisions {precisions} %, "
+                             f"brevity penalty {results['bleu_brevity_penalty']:.3f}; "
+                             f"{results['bleu_signature']})"))
     print(f"{n_scored:,} tokens scored ({n_chars:,} characters, {n_bytes:,} UTF-8 bytes)")
     for label, value in rows:
         print(f"{label:<20} {value}")

@@ -1,7 +1,7 @@
 """
-Fast generation: a KV cache, sampling (temperature, top-k, top-p, stop tokens) and the streaming loop
-that sample.py, eval.py and bench_sample.py call. model.GPT.generate is nanoGPT's plain loop, the
-reference this one is tested against.
+Fast generation: a KV cache, sampling (temperature, top-k, top-p, stop tokens) and the streaming
+loop that sample.py, eval.py and bench_sample.py call. model.GPT.generate is nanoGPT's plain loop,
+the reference this one is tested against.
 """
 
 import torch
@@ -15,15 +15,18 @@ class KVCache:
 
     def __init__(self, model, batch_size):
         cfg, w = model.config, model.lm_head.weight
-        # in the weights' dtype, also under autocast: decode steps attend in it (see generate_stream)
-        shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)  # (B, nh, block_size, hs)
+        # (B, nh, block_size, hs)
+        shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        # in the weights' dtype, also under autocast: decode steps attend in it
+        # (see generate_stream)
         self.k = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)]
         self.v = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)]
-        self.pos = 0  # positions filled: the next token fed goes to position pos (GPT.forward advances it)
+        # positions filled: the next token fed goes to position pos (GPT.forward advances it)
+        self.pos = 0
 
     def insert(self, layer, k, v):
-        """Write one layer's keys and values (B, nh, T, hs) of positions pos..pos+T-1 and return all of
-        that layer's so far, (B, nh, pos + T, hs): views of the buffers, no copies."""
+        """Write one layer's keys and values (B, nh, T, hs) of positions pos..pos+T-1 and return all
+        of that layer's so far, (B, nh, pos + T, hs): views of the buffers, no copies."""
         end = self.pos + k.size(2)
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
@@ -34,10 +37,10 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     """One token per row from next-token logits (B, vocab_size) -> (B,).
     temperature: divides the logits; 0 picks the most likely token (greedy).
     top_k: sample only among the k most likely tokens.
-    top_p: sample only among the fewest most likely tokens whose probabilities add up to top_p or more
-    (nucleus sampling, Holtzman et al. 2019).
+    top_p: sample only among the fewest most likely tokens whose probabilities add up to top_p or
+    more (nucleus sampling, Holtzman et al. 2019).
     generator: a torch.Generator, or a list of one per row: row i then draws its random numbers from
-    generator[i] exactly as it would alone, so it samples what it would be sampled alone."""
+    generator[i] exactly as it would alone, so it samples what it would sample alone."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -47,13 +50,17 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     probs = F.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the more likely ones before it already hold top_p (the first is always kept)
+        # drop a token when the more likely ones before it already hold top_p
+        # (the first is always kept)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))  # multinomial renormalises
+        # multinomial renormalises
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     if isinstance(generator, (list, tuple)):
         if len(generator) != probs.size(0):
-            raise ValueError(f"{len(generator)} generators for {probs.size(0)} rows: give one per row")
-        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
+            raise ValueError(f"{len(generator)} generators for {probs.size(0)} rows: "
+                             "give one per row")
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0]
+                          for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -83,9 +90,9 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
 
     Dtypes, under autocast: prefills and refills run in the weights' dtype (autocast off), as they
     multiply matrices, where bf16 only pays on hardware with bf16 units; decode steps multiply
-    vectors, bound by reading the weights, whose bytes bf16 halves everywhere, so their linears run in
-    autocast's dtype; attention runs in the cache's dtype (the weights'), as a decode step's attention
-    is a few small ops.
+    vectors, bound by reading the weights, whose bytes bf16 halves everywhere, so their linears run
+    in autocast's dtype; attention runs in the cache's dtype (the weights'), as a decode step's
+    attention is a few small ops.
     """
     B, T = idx.size()
     block_size = model.config.block_size
@@ -95,7 +102,8 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     if stop is not None:
         stop = torch.tensor([stop] if isinstance(stop, int) else list(stop), device=idx.device)
         ended = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # prompt + new tokens
+    # prompt + new tokens
+    seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
     seq[:, :T] = idx
     cache = KVCache(model, B) if use_cache else None
     for n in range(T, T + max_new_tokens):  # n tokens so far; sample the one at index n
@@ -107,10 +115,12 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
             with torch.autocast(idx.device.type, enabled=False):
                 logits, _ = model(seq[:, max(0, n - context):n], cache=cache)
         else:
-            logits, _ = model(seq[:, n - 1:n], cache=cache)  # only the newest token is new to the cache
+            # only the newest token is new to the cache
+            logits, _ = model(seq[:, n - 1:n], cache=cache)
         idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
         if stop is not None:
-            idx_next = torch.where(ended, seq[:, n - 1], idx_next)  # an ended row repeats its stop token
+            # an ended row repeats its stop token
+            idx_next = torch.where(ended, seq[:, n - 1], idx_next)
             ended |= torch.isin(idx_next, stop)
         seq[:, n] = idx_next
         yield idx_next

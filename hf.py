@@ -14,9 +14,9 @@ from model import GPT, MODERN_SWITCHES, GPTConfig
 # OpenAI's released GPT-2 checkpoints, as named on the Hugging Face hub (n_layer, n_head, n_embd):
 # 124M (12, 12, 768), 350M (24, 16, 1024), 774M (36, 20, 1280), 1558M (48, 25, 1600)
 GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
-# GPT-2 stores these matrices as Conv1D weights of shape (in, out): the transpose of nn.Linear's (out, in)
+# GPT-2 stores these matrices as Conv1D weights of shape (in, out):
+# the transpose of nn.Linear's (out, in)
 HF_TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
-
 
 
 def from_pretrained(name_or_path, dropout=None):
@@ -29,35 +29,40 @@ def from_pretrained(name_or_path, dropout=None):
     try:
         from transformers import GPT2LMHeadModel
     except ImportError:
-        raise UserError("loading GPT-2 needs Hugging Face transformers: pip install transformers") from None
+        raise UserError("loading GPT-2 needs Hugging Face transformers: "
+                        "pip install transformers") from None
     try:
         hf = GPT2LMHeadModel.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:  # no network, no such folder content, a foreign config.json
         raise UserError(f"cannot load GPT-2 from {name_or_path!r} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]})") from None
     c = hf.config
-    # Our blocks compute GPT-2's function only with GPT-2's choices: the tanh GELU, LayerNorm eps 1e-5,
-    # a 4x wide MLP, attention scaled by 1/sqrt(hs) and the head tied to the token embedding.
-    if (c.activation_function not in ('gelu_new', 'gelu_pytorch_tanh') or c.layer_norm_epsilon != 1e-5
-            or c.n_inner not in (None, 4 * c.n_embd) or not c.scale_attn_weights
-            or c.scale_attn_by_inverse_layer_idx or not c.tie_word_embeddings):
-        raise UserError(f"{name_or_path} is a GPT-2 variant this model does not compute (activation "
-                        f"{c.activation_function}, eps {c.layer_norm_epsilon}, n_inner {c.n_inner}, "
-                        f"tied head {c.tie_word_embeddings})")
+    # Our blocks compute GPT-2's function only with GPT-2's choices: the tanh GELU, LayerNorm eps
+    # 1e-5, a 4x wide MLP, attention scaled by 1/sqrt(hs) and the head tied to the token embedding.
+    if (c.activation_function not in ('gelu_new', 'gelu_pytorch_tanh')
+            or c.layer_norm_epsilon != 1e-5 or c.n_inner not in (None, 4 * c.n_embd)
+            or not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx
+            or not c.tie_word_embeddings):
+        raise UserError(f"{name_or_path} is a GPT-2 variant this model does not compute "
+                        f"(activation {c.activation_function}, eps {c.layer_norm_epsilon}, "
+                        f"n_inner {c.n_inner}, tied head {c.tie_word_embeddings})")
     config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
                        n_head=c.n_head, n_embd=c.n_embd, bias=True, dropout=dropout or 0.0)
     model = GPT(config)
     sd = model.state_dict()
     # older transformers also keep each layer's causal mask as buffers: not weights
-    sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
+    sd_hf = {k: v for k, v in hf.state_dict().items()
+             if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
     if sd.keys() != sd_hf.keys():
-        raise UserError(f"{name_or_path}: weights {sorted(sd_hf.keys() ^ sd.keys())[:4]} do not fit GPT-2")
+        raise UserError(f"{name_or_path}: weights {sorted(sd_hf.keys() ^ sd.keys())[:4]} "
+                        "do not fit GPT-2")
     with torch.no_grad():
         for k, v in sd_hf.items():
             v = v.t() if k.endswith(HF_TRANSPOSED) else v
             assert v.shape == sd[k].shape, (k, v.shape, sd[k].shape)  # copy_ would broadcast
             sd[k].copy_(v)
     return model
+
 
 def export_hf(model, folder, eos_token_id=None):
     """Write a model as a Hugging Face GPT-2 folder (config.json + model.safetensors) that
@@ -67,11 +72,13 @@ def export_hf(model, folder, eos_token_id=None):
     try:
         from safetensors.torch import save_file
     except ImportError:
-        raise UserError("exporting to Hugging Face needs safetensors: pip install safetensors") from None
+        raise UserError("exporting to Hugging Face needs safetensors: "
+                        "pip install safetensors") from None
     c = model.config
     if not c.is_gpt2():
-        raise UserError("only GPT-2's architecture exports to a Hugging Face GPT-2 folder: this model has "
-                        f"one of {', '.join(MODERN_SWITCHES)} changed from its default")
+        raise UserError("only GPT-2's architecture exports to a Hugging Face GPT-2 folder: "
+                        f"this model has one of {', '.join(MODERN_SWITCHES)} "
+                        "changed from its default")
     sd = model.state_dict()
     tensors = {}
     for k, v in sd.items():
@@ -80,7 +87,8 @@ def export_hf(model, folder, eos_token_id=None):
         tensors[k] = (v.t() if k.endswith(HF_TRANSPOSED) else v).detach().cpu().contiguous()
         bias = k[:-len('weight')] + 'bias'
         if k.endswith('.weight') and 'wte' not in k and 'wpe' not in k and bias not in sd:
-            tensors[bias] = torch.zeros(v.shape[0])  # Linear (out, in) and LayerNorm (n,): out biases
+            # Linear (out, in) and LayerNorm (n,): out biases
+            tensors[bias] = torch.zeros(v.shape[0])
     hf_config = {
         'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': c.vocab_size,
         'n_positions': c.block_size, 'n_layer': c.n_layer, 'n_head': c.n_head, 'n_embd': c.n_embd,

@@ -6,7 +6,8 @@ References:
 2) "Language Models are Unsupervised Multitask Learners" (GPT-2, Radford et al. 2019): pre-LayerNorm
    blocks, a final LayerNorm, residual projections scaled at init, tanh-approximated GELU.
 3) "Language Models are Few-Shot Learners" (GPT-3, Brown et al. 2020): the sizes and the optimizer.
-Optional modern parts, each a GPTConfig switch that is off by default (as in modded-nanogpt and nanochat):
+Optional modern parts, each a GPTConfig switch that is off by default
+(as in modded-nanogpt and nanochat):
 4) "RoFormer" (Su et al. 2021): rotary position embeddings instead of learned ones.
 5) "Root Mean Square Layer Normalization" (Zhang & Sennrich 2019): RMSNorm instead of LayerNorm.
 6) "Scaling Vision Transformers to 22B Parameters" (Dehghani et al. 2023): QK-norm.
@@ -38,21 +39,24 @@ class LayerNorm(nn.Module):
 
 
 def norm(config, ndim):
-    """The block's normalisation: GPT-2's LayerNorm, or RMSNorm (rescale only, no centring, no bias)."""
+    """The block's normalisation: GPT-2's LayerNorm,
+    or RMSNorm (rescale only, no centring, no bias)."""
     return nn.RMSNorm(ndim, eps=1e-5) if config.rmsnorm else LayerNorm(ndim, bias=config.bias)
 
 
 def rotary_tables(block_size, head_size, base=10000.0):
-    """cos and sin (block_size, head_size // 2) of RoFormer's angles: position t turns the i-th pair of
-    channels by t * base^(-2i / head_size)."""
+    """cos and sin (block_size, head_size // 2) of RoFormer's angles: position t turns the i-th pair
+    of channels by t * base^(-2i / head_size)."""
     inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
-    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (block_size, hs/2)
+    # (block_size, hs/2)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate each pair of channels (x1[i], x2[i]) of x (B, nh, T, hs) by its position's angle (T, hs/2).
-    Then q_s . k_t depends on s - t only: attention sees relative positions (Su et al. 2021, eq. 16)."""
+    """Rotate each pair of channels (x1[i], x2[i]) of x (B, nh, T, hs) by its position's angle
+    (T, hs/2). Then q_s . k_t depends on s - t only: attention sees relative positions
+    (Su et al. 2021, eq. 16)."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # bf16 under autocast, like q and k
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
@@ -76,20 +80,24 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rotary=None, cache=None):
         B, T, C = x.size()  # batch, sequence length, n_embd
         hs = C // self.n_head
-        # one matmul for q, k and v of all heads: (B, T, 3, nh, hs) -> 3 x (B, nh, T, hs), views, no copies
+        # one matmul for q, k and v of all heads:
+        # (B, T, 3, nh, hs) -> 3 x (B, nh, T, hs), views, no copies
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4).unbind(0)
         if self.qk_norm:
-            # unit-RMS queries and keys bound the attention logits, so a high learning rate can't blow them up
+            # unit-RMS queries and keys bound the attention logits,
+            # so a high learning rate can't blow them up
             q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)  # the angles of these T positions
+            # the angles of these T positions
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             # generation (generation.KVCache): store the new keys and values, attend to all so far,
             # in the cache's dtype (the decode step's policy lives in generation.py)
             k, v = cache.insert(self.layer_idx, k, v)  # (B, nh, t0 + T, hs)
             q = q.to(k.dtype)
-        # softmax(q k^T / sqrt(hs)) v (Vaswani et al. eq. 1); flash kernels on CUDA. Causal over T > 1
-        # positions (training, or a prefill into an empty cache); a single new query may see every key.
+        # softmax(q k^T / sqrt(hs)) v (Vaswani et al. eq. 1); flash kernels on CUDA.
+        # Causal over T > 1 positions (training, or a prefill into an empty cache);
+        # a single new query may see every key.
         with torch.autocast(x.device.type, enabled=False) if cache is not None else nullcontext():
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=T > 1)
@@ -109,7 +117,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         x = self.c_fc(x)
-        if self.relu2:  # ReLU^2: Primer's cheaper, better activation (x * x rather than a pow kernel)
+        # ReLU^2: Primer's cheaper, better activation (x * x rather than a pow kernel)
+        if self.relu2:
             x = F.relu(x)
             x = x * x
         else:
@@ -140,8 +149,8 @@ class GPTConfig:
     n_layer: int = 12  # Transformer blocks
     n_head: int = 12  # attention heads per block; n_embd must divide by it
     n_embd: int = 768  # width of the residual stream
-    dropout: float = 0.0  # on attention weights and residual branches; 0 for pretraining, ~0.1+ to finetune
-    bias: bool = True  # biases in Linears and LayerNorms, as GPT-2; False is a bit better and faster
+    dropout: float = 0.0  # on attention weights and residual branches; pretrain 0, finetune ~0.1+
+    bias: bool = True  # in Linears and LayerNorms, as GPT-2; False is a bit better and faster
     # modern options (all off: GPT-2 as published)
     rotary: bool = False  # rotary position embeddings on q and k instead of the learned wpe
     rmsnorm: bool = False  # RMSNorm instead of LayerNorm
@@ -166,7 +175,8 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-            # learned absolute positions; none with rotary embeddings, which turn q and k by position instead
+            # learned absolute positions; none with rotary embeddings,
+            # which turn q and k by position instead
             **({} if config.rotary else {'wpe': nn.Embedding(config.block_size, config.n_embd)}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
@@ -179,7 +189,8 @@ class GPT(nn.Module):
             self.register_buffer('rotary_sin', sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
-            # Weight tying (Press & Wolf 2017, used by GPT-2): the head reads logits with the embedding matrix.
+            # Weight tying (Press & Wolf 2017, used by GPT-2):
+            # the head reads logits with the embedding matrix.
             self.transformer.wte.weight = self.lm_head.weight
 
         self.apply(self._init_weights)
@@ -207,18 +218,21 @@ class GPT(nn.Module):
         return n_params
 
     def forward(self, idx, targets=None, cache=None):
-        """Logits (and the loss, given targets) of the tokens idx (B, T). With a KVCache, idx continues
-        the tokens it holds: T of them into an empty cache (a prefill), or one after them (a decode step)."""
+        """Logits (and the loss, given targets) of the tokens idx (B, T). With a KVCache, idx
+        continues the tokens it holds: T of them into an empty cache (a prefill), or one after them
+        (a decode step)."""
         B, T = idx.size()
         t0 = 0 if cache is None else cache.pos  # positions continue after the cached ones
         if t0 + T > self.config.block_size:
-            raise ValueError(f"sequence of length {t0 + T} is longer than block_size {self.config.block_size}")
+            raise ValueError(f"sequence of length {t0 + T} is longer than "
+                             f"block_size {self.config.block_size}")
         if t0 and T > 1:  # the causal mask of T > 1 new queries would not be offset by t0
             raise ValueError("only an empty KVCache takes several tokens at once")
         x = self.transformer.wte(idx)  # (B, T, n_embd)
         rotary = None
         if self.config.rotary:
-            rotary = self.rotary_cos[t0:t0 + T], self.rotary_sin[t0:t0 + T]  # positions enter in attention instead
+            # positions enter in attention instead
+            rotary = self.rotary_cos[t0:t0 + T], self.rotary_sin[t0:t0 + T]
         else:
             pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)  # (T,)
             x = x + self.transformer.wpe(pos)
@@ -231,9 +245,11 @@ class GPT(nn.Module):
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab_size)
             # mean cross-entropy over all positions; target -1 marks a position to ignore
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+                                   ignore_index=-1)
         else:
-            # generation only needs the next token: skip the head's matmul for all but the last position
+            # generation only needs the next token:
+            # skip the head's matmul for all but the last position
             logits = self.lm_head(x[:, -1:, :])  # (B, 1, vocab_size)
             loss = None
         return logits, loss
@@ -241,13 +257,14 @@ class GPT(nn.Module):
     def crop_block_size(self, block_size):
         """Shrink the context, e.g. to finetune GPT-2 (1024) with a shorter block_size."""
         if block_size > self.config.block_size:
-            raise ValueError(f"block_size {block_size} is larger than the model's {self.config.block_size}")
+            raise ValueError(f"block_size {block_size} is larger than the model's "
+                             f"{self.config.block_size}")
         self.config.block_size = block_size
         if self.config.rotary:
-            self.rotary_cos, self.rotary_sin = self.rotary_cos[:block_size], self.rotary_sin[:block_size]
+            self.rotary_cos, self.rotary_sin = (self.rotary_cos[:block_size],
+                                                self.rotary_sin[:block_size])
         else:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-
 
     def flops_per_token(self):
         """Training FLOPs per token: 6N for the matmuls of forward + backward (Kaplan et al. 2020,
@@ -257,8 +274,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """nanoGPT's plain loop: append max_new_tokens tokens to idx (B, T), each sampled from a forward
-        pass over the last block_size tokens. Call model.eval() first. The reference that
+        """nanoGPT's plain loop: append max_new_tokens tokens to idx (B, T), each sampled from a
+        forward pass over the last block_size tokens. Call model.eval() first. The reference that
         generation.py's faster KV-cache loop is tested against; temperature 0 is greedy."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])

@@ -11,9 +11,10 @@ from errors import UserError
 
 
 def configure_optimizers(model, cfg, device_type):
-    """cfg.optimizer='adamw': AdamW for every parameter; 'muon': Muon for the blocks' matrices and AdamW
-    for the rest (embeddings, head, gains, biases), stepped together as one ChainedOptimizer. cfg holds
-    train.py's optimizer knobs: weight_decay, learning_rate, beta1, beta2, muon_lr, muon_momentum."""
+    """cfg.optimizer='adamw': AdamW for every parameter; 'muon': Muon for the blocks' matrices and
+    AdamW for the rest (embeddings, head, gains, biases), stepped together as one ChainedOptimizer.
+    cfg holds train.py's optimizer knobs: weight_decay, learning_rate, beta1, beta2, muon_lr,
+    muon_momentum."""
     params = [p for p in model.parameters() if p.requires_grad]
     muon = []
     if cfg.optimizer == 'muon':
@@ -28,31 +29,37 @@ def configure_optimizers(model, cfg, device_type):
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{'params': decay, 'weight_decay': cfg.weight_decay},
               {'params': no_decay, 'weight_decay': 0.0}]
-    # fused kernels update all parameters in a few launches instead of ~10 small ops per tensor (CUDA and CPU)
-    fused = device_type in ('cuda', 'cpu') and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **({'fused': True} if fused else {}))
+    # fused kernels update all parameters in a few launches
+    # instead of ~10 small ops per tensor (CUDA and CPU)
+    fused = (device_type in ('cuda', 'cpu')
+             and 'fused' in inspect.signature(torch.optim.AdamW).parameters)
+    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                              **({'fused': True} if fused else {}))
     if not muon:
         return adamw
-    # lr_scale: the training loop sets each group's lr to the schedule's lr times this, so Muon follows
-    # the same warm-up and decay at its own (much larger) peak
+    # lr_scale: the training loop sets each group's lr to the schedule's lr times this, so Muon
+    # follows the same warm-up and decay at its own (much larger) peak
     muon = Muon([{'params': muon, 'lr_scale': cfg.muon_lr / cfg.learning_rate}], lr=cfg.muon_lr,
                 weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
     return ChainedOptimizer(muon, adamw)
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon (Keller Jordan 2024, kellerjordan.github.io/posts/muon): SGD with Nesterov momentum whose update
-    of each matrix is orthogonalised, i.e. replaced by U V^T of its SVD U S V^T, so that every direction
-    moves by the same amount. A quintic Newton-Schulz iteration approximates U V^T with matmuls only.
-    The same algorithm as torch.optim.Muon, whose iteration always runs in bf16, which is slow on CPUs
-    without bf16 matmul units (docs/speed.md); here it runs in fp32 off CUDA."""
+    """Muon (Keller Jordan 2024, kellerjordan.github.io/posts/muon): SGD with Nesterov momentum
+    whose update of each matrix is orthogonalised, i.e. replaced by U V^T of its SVD U S V^T, so
+    that every direction moves by the same amount. A quintic Newton-Schulz iteration approximates
+    U V^T with matmuls only.
+    The same algorithm as torch.optim.Muon, whose iteration always runs in bf16, which is slow on
+    CPUs without bf16 matmul units (docs/speed.md); here it runs in fp32 off CUDA."""
 
     def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, ns_steps=5):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      ns_steps=ns_steps))
 
     @staticmethod
     def orthogonalise(G, steps):
-        a, b, c = 3.4445, -4.7750, 2.0315  # Jordan's coefficients: a steep slope at 0, s -> [~0.7, ~1.2]
+        # Jordan's coefficients: a steep slope at 0, s -> [~0.7, ~1.2]
+        a, b, c = 3.4445, -4.7750, 2.0315
         X = G.bfloat16() if G.is_cuda else G.float()
         if G.size(0) > G.size(1):
             X = X.T  # iterate on the wide side: X X^T is the smaller Gram matrix
@@ -78,13 +85,15 @@ class Muon(torch.optim.Optimizer):
                 g = p.grad.add(buf, alpha=group['momentum'])  # Nesterov
                 update = self.orthogonalise(g, group['ns_steps'])
                 p.mul_(1 - group['lr'] * group['weight_decay'])  # decoupled weight decay
-                # a tall matrix's rows are longer than unit: scale so each row moves alike (Jordan's choice)
+                # a tall matrix's rows are longer than unit: scale so each row moves alike
+                # (Jordan's choice)
                 p.add_(update, alpha=-group['lr'] * max(1, p.size(0) / p.size(1)) ** 0.5)
 
 
 class ChainedOptimizer:
-    """Several torch optimizers (each owning its own parameters) used as one: steps, zero_grad, param_groups
-    and a state_dict of plain tensors, as the training loop, GradScaler and checkpoints expect."""
+    """Several torch optimizers (each owning its own parameters) used as one: steps, zero_grad,
+    param_groups and a state_dict of plain tensors, as the training loop, GradScaler and
+    checkpoints expect."""
 
     def __init__(self, *optimizers):
         self.optimizers = optimizers
@@ -106,6 +115,7 @@ class ChainedOptimizer:
 
     def load_state_dict(self, state_dict):
         if len(state_dict.get('chained', ())) != len(self.optimizers):
-            raise UserError("the checkpoint's optimizer state is of another optimizer: resume with the same --optimizer")
+            raise UserError("the checkpoint's optimizer state is of another optimizer: "
+                            "resume with the same --optimizer")
         for opt, sd in zip(self.optimizers, state_dict['chained']):
             opt.load_state_dict(sd)

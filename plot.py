@@ -28,7 +28,8 @@ def read_metrics(out_dir):
 
 
 def plot(out_dirs, output, title=None, width=1000, height=700):
-    """Write a PNG of width x height pixels: losses on top, learning rate below, one colour per run."""
+    """Write a PNG of width x height pixels: losses on top, learning rate below,
+    one colour per run."""
     try:
         import matplotlib
     except ImportError:
@@ -36,10 +37,11 @@ def plot(out_dirs, output, title=None, width=1000, height=700):
     matplotlib.use('Agg')  # files only, no window
     import matplotlib.pyplot as plt
     dpi = 100
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(width / dpi, height / dpi), dpi=dpi, sharex=True,
-                                         gridspec_kw={'height_ratios': [3, 1]})
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(width / dpi, height / dpi), dpi=dpi,
+                                         sharex=True, gridspec_kw={'height_ratios': [3, 1]})
     for i, out_dir in enumerate(out_dirs):
-        rows, color, name = read_metrics(out_dir), f'C{i}', os.path.basename(os.path.normpath(out_dir))
+        rows, color, name = (read_metrics(out_dir), f'C{i}',
+                             os.path.basename(os.path.normpath(out_dir)))
         steps = [r for r in rows if 'train_loss' in r]
         evals = [r for r in rows if 'val_loss' in r]
         ax_loss.plot([r['tokens'] for r in steps], [r['train_loss'] for r in steps], color=color,
@@ -61,7 +63,7 @@ def plot(out_dirs, output, title=None, width=1000, height=700):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('out_dirs', nargs='+', help="training runs' out_dir folders")
     parser.add_argument('--output', default='loss.png', help='the PNG to write')
     parser.add_argument('--title')

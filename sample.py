@@ -1,15 +1,17 @@
-"""
+r"""
 Sample text from a trained model. Needs nothing but the checkpoint (it carries its vocabulary), or
 OpenAI's GPT-2 itself.
 
-    python sample.py --out_dir=out-shakespeare-char --num_samples=1      # streams the text as it comes
+    python sample.py --out_dir=out-shakespeare-char --num_samples=1  # streams the text as it comes
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
-    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
-    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --stop=JULIET: --device=cpu
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 \
+        --max_new_tokens=200
+    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --stop=JULIET: \
+        --device=cpu
 
 One sample is printed as it is generated; several are generated together as one batch and printed at
-the end. Sample i is drawn from its own random generator, seeded with seed + i, so it is the same text
-whatever num_samples is. The last line gives the speed in tokens/s.
+the end. Sample i is drawn from its own random generator, seeded with seed + i, so it is the same
+text whatever num_samples is. The last line gives the speed in tokens/s.
 """
 
 import os
@@ -27,21 +29,26 @@ from generation import generate_stream
 
 @dataclass
 class SampleConfig:
-    init_from: str = 'resume'  # 'resume' (out_dir/ckpt), or OpenAI's 'gpt2' ... 'gpt2-xl' or a local HF GPT-2 folder
+    # 'resume' (out_dir/ckpt), or OpenAI's 'gpt2' ... 'gpt2-xl' or a local HF GPT-2 folder
+    init_from: str = 'resume'
     out_dir: str = 'out'  # the training run's folder
-    ckpt: str = 'best.pt'  # which checkpoint in out_dir: best.pt (lowest val loss) or ckpt.pt (latest)
+    ckpt: str = 'best.pt'  # which one in out_dir: best.pt (lowest val loss) or ckpt.pt (latest)
     start: str = '\n'  # the prompt, or FILE:path to read it from a file
     num_samples: int = 10  # 1 streams the text to the terminal; more are sampled as one batch
     max_new_tokens: int = 500  # tokens generated per sample
-    temperature: float = 0.8  # 1.0 samples the model's distribution, lower is more conservative, 0 is greedy
+    temperature: float = 0.8  # 1.0: the model's distribution; lower: more conservative; 0: greedy
     top_k: int | None = 200  # sample only among the k most likely tokens; None for all
-    top_p: float | None = None  # sample only among the most likely tokens holding this much probability
-    stop: str = ''  # end a sample at the first occurrence of this text after the prompt (kept in the sample)
-    use_cache: bool = True  # False re-runs the whole context for every token (the classic loop, ~10x slower)
-    keep: int | None = None  # tokens of context the cache keeps when it fills up; None: block_size // 2
+    top_p: float | None = None  # sample only among the top tokens holding this much probability
+    # end a sample at the first occurrence of this text after the prompt (kept in the sample)
+    stop: str = ''
+    # False re-runs the whole context for every token: the classic loop, much slower
+    # (measured in docs/sampling.md)
+    use_cache: bool = True
+    keep: int | None = None  # tokens of context kept when the cache fills up; None: block_size // 2
     seed: int = 1337  # sample i draws from a generator seeded with seed + i
     device: str = 'auto'
-    dtype: str = 'auto'  # 'auto': bf16 where decoding is faster in it (device.resolve_sample_dtype), else float32
+    # 'auto': bf16 where decoding is faster in it (device.resolve_sample_dtype), else float32
+    dtype: str = 'auto'
     compile: bool | str = False  # compiling rarely pays for itself for one sampling run
 
 
@@ -65,7 +72,8 @@ def main(cfg):
     device, dtype = dev.device, dev.dtype
     model, tokenizer, _ = load_model(cfg.init_from, cfg.out_dir, cfg.ckpt)
     if cfg.keep is not None and not 1 <= cfg.keep <= model.config.block_size:
-        raise UserError(f"keep must be between 1 and block_size {model.config.block_size}, got {cfg.keep}")
+        raise UserError(f"keep must be between 1 and block_size {model.config.block_size}, "
+                        f"got {cfg.keep}")
     model.to(device)
     if dev.compile:
         model = torch.compile(model)
@@ -81,7 +89,8 @@ def main(cfg):
     if not ids:
         raise UserError("the prompt is empty: give --start some text the model knows")
     B = cfg.num_samples
-    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...].repeat(B, 1)  # (B, T): one row per sample
+    # (B, T): one row per sample
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...].repeat(B, 1)
     generators = [torch.Generator(device).manual_seed(cfg.seed + i) for i in range(B)]
 
     streaming = B == 1
@@ -91,19 +100,23 @@ def main(cfg):
         print(start, end='', flush=True)
     t0 = time.perf_counter()
     # bf16 by autocast rather than model.to(torch.bfloat16): the prefills run on the fp32 weights
-    # (generate_stream turns autocast off for them), autocast casts each weight to bf16 once for the whole
-    # `with` block, not at every token, and LayerNorm, softmax and the residual stream stay in fp32.
+    # (generate_stream turns autocast off for them), autocast casts each weight to bf16 once for
+    # the whole `with` block, not at every token, and LayerNorm, softmax and the residual stream
+    # stay in fp32.
     with torch.no_grad(), dev.autocast:
-        for step in generate_stream(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                    use_cache=cfg.use_cache, keep=cfg.keep, generator=generators):
+        for step in generate_stream(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                    cfg.top_p, use_cache=cfg.use_cache, keep=cfg.keep,
+                                    generator=generators):
             for row, token in zip(new, step.tolist()):
                 row.append(token)
             if not (streaming or cfg.stop):
                 continue
-            # decode the whole sample so far: a BPE token may hold only part of a multi-byte character
+            # decode the whole sample so far:
+            # a BPE token may hold only part of a multi-byte character
             texts = [cut_at_stop(tokenizer.decode(row), cfg.stop) for row in new]
             if streaming:
-                shown = texts[0].rstrip('\ufffd')  # an unfinished character: print it once it is whole
+                # an unfinished character: print it once it is whole
+                shown = texts[0].rstrip('\ufffd')
                 print(shown[printed:], end='', flush=True)
                 printed = len(shown)
             if cfg.stop and all(cfg.stop in text for text in texts):

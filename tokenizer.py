@@ -1,8 +1,8 @@
 """
 Vocabularies: one place that turns a vocabulary spec into encode/decode.
 
-A spec is a small JSON-able dict, stored in a dataset's meta.json and in every checkpoint, so a model
-can be sampled without the data folder it was trained on:
+A spec is a small JSON-able dict, stored in a dataset's meta.json and in every checkpoint, so a
+model can be sampled without the data folder it was trained on:
     {"kind": "char", "chars": "\n !$&',-.3:;?ABC..."}   one id per character, in this order
     {"kind": "tiktoken", "encoding": "r50k_base"}       a BPE from tiktoken (r50k_base is GPT-2's)
 """
@@ -31,12 +31,14 @@ class Tokenizer:
             try:
                 self.enc = tiktoken.get_encoding(spec['encoding'])
             except Exception as e:  # offline with no cache: tiktoken raises a requests error
-                raise UserError(f"cannot load the '{spec['encoding']}' BPE ({type(e).__name__}); with no "
-                                "network, point TIKTOKEN_CACHE_DIR at a folder holding its cached file") from None
+                raise UserError(f"cannot load the '{spec['encoding']}' BPE ({type(e).__name__}); "
+                                "with no network, point TIKTOKEN_CACHE_DIR at a folder "
+                                "holding its cached file") from None
             self.vocab_size = self.enc.n_vocab
             self.eot_token = self.enc.eot_token
         else:
-            raise UserError(f"unknown vocabulary kind {spec['kind']!r} (expected 'char' or 'tiktoken')")
+            raise UserError(f"unknown vocabulary kind {spec['kind']!r} "
+                            "(expected 'char' or 'tiktoken')")
 
     def encode(self, text):
         if self.spec['kind'] == 'char':
@@ -53,11 +55,12 @@ class Tokenizer:
         return self.enc.decode(list(ids))
 
     def text_sizes(self):
-        """The UTF-8 bytes and the characters of text that each token id stands for: two lists indexed
-        by id. Summed over a token sequence they give the exact size of its text, even where a BPE token
-        holds only part of a multi-byte character: a character is counted in the token holding its
-        first byte (every UTF-8 byte but a continuation byte 0b10xxxxxx starts a character). Special
-        tokens such as <|endoftext|> separate documents and stand for no text: 0 and 0."""
+        """The UTF-8 bytes and the characters of text that each token id stands for: two lists
+        indexed by id. Summed over a token sequence they give the exact size of its text, even where
+        a BPE token holds only part of a multi-byte character: a character is counted in the token
+        holding its first byte (every UTF-8 byte but a continuation byte 0b10xxxxxx starts a
+        character).
+        Special tokens such as <|endoftext|> separate documents and stand for no text: 0 and 0."""
         if self.spec['kind'] == 'char':
             return [len(c.encode('utf-8')) for c in self.chars], [1] * self.vocab_size
         special = {self.enc.encode_single_token(s) for s in self.enc.special_tokens_set}

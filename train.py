@@ -1,4 +1,4 @@
-"""
+r"""
 Train a GPT: from scratch, resumed from out_dir/ckpt.pt, or finetuned from OpenAI's GPT-2.
 
 CPU or one GPU (the device is picked automatically; see device.py):
@@ -7,18 +7,19 @@ CPU or one GPU (the device is picked automatically; see device.py):
 Several GPUs on one node, with DistributedDataParallel:
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 Several nodes (run on each, with its --node_rank):
-    torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=1234 train.py ...
-Finetune OpenAI's GPT-2 (init_from='gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local HF folder):
+    torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=1234 \
+        train.py ...
+Finetune OpenAI's GPT-2 (init_from='gpt2' ... 'gpt2-xl', or a local HF folder):
     python data/shakespeare/prepare.py && python train.py config/finetune_shakespeare.py
 Continue a run from out_dir/ckpt.pt, exactly as if it had never stopped: the same command plus
     --init_from=resume
 
 Stopping: SIGINT (Ctrl-C) or SIGTERM (what schedulers send before they preempt a job) lets the
 current step finish, saves ckpt.pt (not best.pt: there is no evaluation on the way out, so it may be
-short) and exits with status 128 + the signal's number (130, 143), the status of a process the signal
-killed: a scheduler or a shell `&&` chain sees a run that did not finish, where 0 would tell them it
-did. A second signal acts as usual (quits at once). A loss that is not finite (nan, inf) stops the run
-at once, without saving, with status 2: the last checkpoint is the last good model.
+short) and exits with status 128 + the signal's number (130, 143), the status of a process the
+signal killed: a scheduler or a shell `&&` chain sees a run that did not finish, where 0 would tell
+them it did. A second signal acts as usual (quits at once). A loss that is not finite (nan, inf)
+stops the run at once, without saving, with status 2: the last checkpoint is the last good model.
 """
 
 import json
@@ -51,11 +52,13 @@ class TrainConfig:
     log_interval: int = 1  # steps between log lines
     eval_iters: int = 200  # batches per split in each loss estimate
     eval_only: bool = False  # evaluate once and exit
-    eval_at_start: bool = True  # also evaluate the untrained model at step 0 (False saves that time in a race)
+    # also evaluate the untrained model at step 0 (False saves that time in a race)
+    eval_at_start: bool = True
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
-    init_from: str = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or OpenAI's GPT-2 to finetune:
-    # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face GPT-2 folder (its shape wins
+    # 'scratch', 'resume' (from out_dir/ckpt.pt), or OpenAI's GPT-2 to finetune: 'gpt2',
+    # 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face GPT-2 folder (its shape wins
     # over n_layer, n_head, n_embd, bias; block_size crops its 1024 positions)
+    init_from: str = 'scratch'
     seed: int = 1337  # seeds the initialisation, the batches and dropout
     # Weights & Biases (optional: pip install wandb)
     wandb_log: bool = False
@@ -79,9 +82,10 @@ class TrainConfig:
     qk_norm: bool = False  # RMS-normalise queries and keys per head
     relu2: bool = False  # ReLU^2 MLP instead of GELU
     tie_weights: bool = True  # share the token embedding with the head
-    # optimizer: 'adamw', or 'muon' (Muon for the blocks' matrices, AdamW for embeddings, head, gains, biases)
+    # optimizer: 'adamw', or 'muon'
+    # (Muon for the blocks' matrices, AdamW for embeddings, head, gains, biases)
     optimizer: str = 'adamw'
-    muon_lr: float = 0.02  # Muon's peak learning rate (it follows the same schedule as learning_rate)
+    muon_lr: float = 0.02  # Muon's peak learning rate (it follows learning_rate's schedule)
     muon_momentum: float = 0.95
     # AdamW
     learning_rate: float = 6e-4  # peak learning rate
@@ -96,9 +100,12 @@ class TrainConfig:
     lr_decay_iters: int = 600000  # ~= max_iters, per Chinchilla
     min_lr: float = 6e-5  # ~= learning_rate / 10, per Chinchilla
     # system
-    backend: str = 'auto'  # torch.distributed backend under torchrun: 'auto' = nccl on CUDA, gloo on CPU
+    # torch.distributed backend under torchrun: 'auto' = nccl on CUDA, gloo on CPU
+    backend: str = 'auto'
     device: str = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype: str = 'auto'  # 'auto' (bf16 on CUDA with bf16, else fp16 on CUDA, else fp32), 'float32', 'bfloat16', 'float16'
+    # 'float32', 'bfloat16', 'float16', or 'auto':
+    # bf16 on CUDA with bf16, else fp16 on CUDA, else fp32
+    dtype: str = 'auto'
     compile: bool | str = 'auto'  # torch.compile the model: 'auto' = on CUDA only
 
 
@@ -117,14 +124,14 @@ def get_lr(it, cfg):
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
-
 def train_step(model, optimizer, scaler, ctx, batches, accum, grad_clip, ddp=False):
     """One optimizer step over the next `accum` micro-batches of the iterator `batches`. Returns the
-    step's mean loss, as a tensor (reading it would wait for the device). bench.py times this function."""
+    step's mean loss, as a tensor (reading it would wait for the device).
+    bench.py times this function."""
     loss_sum = None
     for micro in range(accum):
-        # On a GPU every op below only queues work, so reading the next batch from disk here overlaps
-        # with the device still computing the previous micro-step.
+        # On a GPU every op below only queues work, so reading the next batch from disk here
+        # overlaps with the device still computing the previous micro-step.
         X, Y = next(batches)
         if ddp:
             # DDP all-reduces gradients in backward; only the last micro-step needs it, the
@@ -132,7 +139,8 @@ def train_step(model, optimizer, scaler, ctx, batches, accum, grad_clip, ddp=Fal
             model.require_backward_grad_sync = micro == accum - 1
         with ctx:
             _, loss = model(X, Y)
-            loss = loss / accum  # the gradient of the step is that of the mean loss over all micro-steps
+            # the gradient of the step is that of the mean loss over all micro-steps
+            loss = loss / accum
         scaler.scale(loss).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     if grad_clip != 0.0:
@@ -145,8 +153,9 @@ def train_step(model, optimizer, scaler, ctx, batches, accum, grad_clip, ddp=Fal
 
 
 class MetricsLog:
-    """out_dir/metrics.jsonl, one JSON object per line, and Weights & Biases if asked for. A resumed run
-    keeps the rows up to the step it resumes from and drops later ones, which it is about to redo."""
+    """out_dir/metrics.jsonl, one JSON object per line, and Weights & Biases if asked for. A resumed
+    run keeps the rows up to the step it resumes from and drops later ones, which it is about to
+    redo."""
 
     def __init__(self, cfg, start_iter, tokens_per_iter):
         self.tokens_per_iter = tokens_per_iter
@@ -166,12 +175,14 @@ class MetricsLog:
             try:
                 import wandb
             except ImportError:
-                raise UserError("wandb_log=True needs Weights & Biases: pip install wandb") from None
+                raise UserError("wandb_log=True needs Weights & Biases: "
+                                "pip install wandb") from None
             self.wandb = wandb
             wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
 
     def log(self, iter_num, **row):
-        row = {'iter': iter_num, 'tokens': iter_num * self.tokens_per_iter, **row, 'time': round(time.time(), 3)}
+        row = {'iter': iter_num, 'tokens': iter_num * self.tokens_per_iter, **row,
+               'time': round(time.time(), 3)}
         self.file.write(json.dumps(row) + '\n')
         self.file.flush()
         if self.wandb:
@@ -211,9 +222,9 @@ def stop_signals():
 
 
 def step_verdict(loss_sum, signum, world_size):
-    """(finite, signum) after a step, the same on every process: whether the loss was finite on all of
-    them, and the stop signal any of them received (0: none). One device-to-host sync per step; under
-    DDP also an all-reduce of two numbers, so that all processes stop at the same step."""
+    """(finite, signum) after a step, the same on every process: whether the loss was finite on all
+    of them, and the stop signal any of them received (0: none). One device-to-host sync per step;
+    under DDP also an all-reduce of two numbers, so that all processes stop at the same step."""
     flags = torch.stack([loss_sum.isfinite().logical_not().float(),
                          torch.tensor(float(signum), device=loss_sum.device)])
     if world_size > 1:
@@ -223,12 +234,13 @@ def step_verdict(loss_sum, signum, world_size):
 
 
 def check_config(cfg):
-    for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size',
-                'block_size', 'n_layer', 'n_head', 'n_embd'):
+    for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps',
+                'batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd'):
         if getattr(cfg, key) <= 0:
             raise UserError(f"{key} must be positive, got {getattr(cfg, key)}")
     if cfg.max_iters <= 0 and not cfg.eval_only:
-        raise UserError(f"max_iters must be positive, got {cfg.max_iters} (to evaluate only, use --eval_only=True)")
+        raise UserError(f"max_iters must be positive, got {cfg.max_iters} "
+                        "(to evaluate only, use --eval_only=True)")
     for key in ('warmup_iters', 'lr_decay_iters', 'grad_clip'):
         if getattr(cfg, key) < 0:
             raise UserError(f"{key} must be zero or more, got {getattr(cfg, key)}")
@@ -238,14 +250,13 @@ def check_config(cfg):
         raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
     changed = [k for k in MODERN_SWITCHES if getattr(cfg, k) != getattr(TrainConfig, k)]
     if cfg.init_from not in ('scratch', 'resume') and changed:
-        raise UserError(f"init_from={cfg.init_from!r} loads GPT-2's architecture: leave {', '.join(changed)} "
-                        "at the default")
+        raise UserError(f"init_from={cfg.init_from!r} loads GPT-2's architecture: "
+                        f"leave {', '.join(changed)} at the default")
     if cfg.optimizer not in ('adamw', 'muon'):
         raise UserError(f"optimizer must be 'adamw' or 'muon', got {cfg.optimizer!r}")
     if cfg.init_from not in ('scratch', 'resume', *GPT2_NAMES) and not os.path.isdir(cfg.init_from):
-        raise UserError(f"init_from must be 'scratch', 'resume', one of {', '.join(GPT2_NAMES)} or a local "
-                        f"Hugging Face GPT-2 folder, got {cfg.init_from!r}")
-
+        raise UserError(f"init_from must be 'scratch', 'resume', one of {', '.join(GPT2_NAMES)} "
+                        f"or a local Hugging Face GPT-2 folder, got {cfg.init_from!r}")
 
 
 def main(cfg):
@@ -260,13 +271,15 @@ def main(cfg):
         torch.cuda.set_device(device)
     dev = setup(device, cfg.dtype, cfg.compile)
     if ddp:
-        backend = cfg.backend if cfg.backend != 'auto' else ('nccl' if dev.type == 'cuda' else 'gloo')
+        backend = (cfg.backend if cfg.backend != 'auto'
+                   else ('nccl' if dev.type == 'cuda' else 'gloo'))
         torch.distributed.init_process_group(backend=backend)
     try:
         if cfg.gradient_accumulation_steps % world_size:
-            raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be "
-                            f"divisible by the number of processes ({world_size})")
-        with stop_signals() as received:  # SIGINT, SIGTERM: stop after the current step (see the docstring)
+            raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) "
+                            f"must be divisible by the number of processes ({world_size})")
+        # SIGINT, SIGTERM: stop after the current step (see the docstring)
+        with stop_signals() as received:
             return train(cfg, dev, rank, world_size, received)
     finally:
         if ddp:
@@ -279,13 +292,15 @@ def train(cfg, dev, rank, world_size, received):
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         print_config(cfg)
-        print(f"device {dev.device}, dtype {dev.dtype}, compile {dev.compile}, {world_size} process(es); "
-              f"{tokens_per_iter:,} tokens per step")
-    torch.manual_seed(cfg.seed + rank)  # init is overwritten by rank 0's weights under DDP; dropout differs
+        print(f"device {dev.device}, dtype {dev.dtype}, compile {dev.compile}, "
+              f"{world_size} process(es); {tokens_per_iter:,} tokens per step")
+    # init is overwritten by rank 0's weights under DDP; dropout differs
+    torch.manual_seed(cfg.seed + rank)
 
     vocab, splits = open_dataset(cfg.dataset, cfg.data_dir, cfg.block_size)
     model, ckpt = init_model(cfg, vocab, Tokenizer(vocab).vocab_size, verbose=master)
-    iter_num, best_val_loss = (ckpt['iter_num'], ckpt['best_val_loss']) if ckpt else (0, float('inf'))
+    iter_num, best_val_loss = ((ckpt['iter_num'], ckpt['best_val_loss']) if ckpt
+                               else (0, float('inf')))
     model.to(dev.device)
     # A GradScaler only for fp16, whose narrow range would flush small gradients to zero.
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.dtype == 'float16')
@@ -293,7 +308,8 @@ def train(cfg, dev, rank, world_size, received):
     if ckpt:
         restore_training(ckpt, optimizer, scaler)
         if rank:
-            torch.manual_seed(cfg.seed + rank + iter_num)  # other ranks' dropout streams, freshly drawn
+            # other ranks' dropout streams, freshly drawn
+            torch.manual_seed(cfg.seed + rank + iter_num)
         ckpt = None  # free the memory
     raw_model = model  # what is saved: never the compiled or DDP-wrapped module
     if dev.compile:
@@ -306,7 +322,8 @@ def train(cfg, dev, rank, world_size, received):
     metrics = MetricsLog(cfg, iter_num, tokens_per_iter) if master and not cfg.eval_only else None
 
     def checkpoint(is_best):
-        save_checkpoint(build_checkpoint(raw_model, optimizer, scaler, cfg, iter_num, best_val_loss, vocab),
+        save_checkpoint(build_checkpoint(raw_model, optimizer, scaler, cfg, iter_num,
+                                         best_val_loss, vocab),
                         cfg.out_dir, is_best)
 
     batches = train_batches(splits['train'], cfg, iter_num, rank, world_size, dev.device)
@@ -321,17 +338,20 @@ def train(cfg, dev, rank, world_size, received):
         # run skips its first evaluation: the checkpoint it came from was just evaluated.
         last = iter_num >= cfg.max_iters
         saved = False
-        if last or cfg.eval_only or (iter_num % cfg.eval_interval == 0 and
-                                     (iter_num > start_iter or iter_num == 0 and cfg.eval_at_start)):
-            losses = estimate_loss(model, splits, cfg.eval_iters, cfg.batch_size, cfg.block_size, cfg.seed,
-                                   dev.device, dev.autocast)
+        if last or cfg.eval_only or (
+                iter_num % cfg.eval_interval == 0
+                and (iter_num > start_iter or iter_num == 0 and cfg.eval_at_start)):
+            losses = estimate_loss(model, splits, cfg.eval_iters, cfg.batch_size, cfg.block_size,
+                                   cfg.seed, dev.device, dev.autocast)
             if master:
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, "
+                      f"val loss {losses['val']:.4f}, "
                       f"{time.perf_counter() - t_launch:.1f} s since start", flush=True)
                 if metrics:
                     metrics.log(iter_num, eval_train_loss=losses['train'], val_loss=losses['val'])
             is_best = losses['val'] < best_val_loss
-            if not cfg.eval_only and iter_num > start_iter and (is_best or cfg.always_save_checkpoint):
+            if (not cfg.eval_only and iter_num > start_iter
+                    and (is_best or cfg.always_save_checkpoint)):
                 if is_best:
                     best_val_loss = losses['val']  # only ever goes down: it is the loss of best.pt
                 if master:
@@ -341,30 +361,33 @@ def train(cfg, dev, rank, world_size, received):
             t_log = time.perf_counter()  # evaluation time doesn't count as training time
         if last or cfg.eval_only:
             break
-        if stop_signal:  # a graceful stop: ckpt.pt gets this step (best.pt moves only at evaluations)
+        # a graceful stop: ckpt.pt gets this step (best.pt moves only at evaluations)
+        if stop_signal:
             if master:
                 if not saved:
                     checkpoint(is_best=False)
                 print(f"stopped by {signal.Signals(stop_signal).name} at iter {iter_num}, saved to "
-                      f"{os.path.join(cfg.out_dir, 'ckpt.pt')}; to continue, run the same command with "
-                      "--init_from=resume", flush=True)
+                      f"{os.path.join(cfg.out_dir, 'ckpt.pt')}; "
+                      "to continue, run the same command with --init_from=resume", flush=True)
             break
 
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)  # Muon's groups have their own peak
-        loss_sum = train_step(model, optimizer, scaler, dev.autocast, batches, local_accum, cfg.grad_clip,
-                              ddp=world_size > 1)
+        loss_sum = train_step(model, optimizer, scaler, dev.autocast, batches, local_accum,
+                              cfg.grad_clip, ddp=world_size > 1)
         iter_num += 1
         iters_logged += 1
-        # Before this step's weights can reach a checkpoint: was its loss finite, was a stop asked for?
+        # Before this step's weights can reach a checkpoint:
+        # was its loss finite, was a stop asked for?
         finite, stop_signal = step_verdict(loss_sum, received['signal'], world_size)
         if not finite:
-            # Stop, not skip: a non-finite loss means the learning rate, the data or the precision is
-            # wrong, and the weights and AdamW's moments have already taken the nan/inf in.
-            raise UserError(f"the loss is not finite at iter {iter_num} (lr {lr:.2e}): the run diverged and "
-                            f"stopped without saving, so {os.path.join(cfg.out_dir, 'ckpt.pt')} (if any) is "
-                            "the last good state: lower --learning_rate, then resume or restart")
+            # Stop, not skip: a non-finite loss means the learning rate, the data or the precision
+            # is wrong, and the weights and AdamW's moments have already taken the nan/inf in.
+            raise UserError(f"the loss is not finite at iter {iter_num} (lr {lr:.2e}): the run "
+                            "diverged and stopped without saving, so "
+                            f"{os.path.join(cfg.out_dir, 'ckpt.pt')} (if any) is the last good "
+                            "state: lower --learning_rate, then resume or restart")
 
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
             if world_size > 1:
@@ -373,15 +396,19 @@ def train(cfg, dev, rank, world_size, received):
             dt = (time.perf_counter() - t_log) / iters_logged
             t_log, iters_logged = time.perf_counter(), 0
             if master:
-                if iter_num - start_iter > 5:  # leave warm-up (and compilation) steps out of the MFU
+                # leave warm-up (and compilation) steps out of the MFU
+                if iter_num - start_iter > 5:
                     step_mfu = raw_model.flops_per_token() * tokens_per_iter / dt / peak
                     mfu = step_mfu if mfu < 0 else 0.9 * mfu + 0.1 * step_mfu
                 dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
                 eta = (cfg.max_iters - iter_num) * dt_avg  # evaluations not counted
-                print(f"iter {iter_num}/{cfg.max_iters} ({100 * iter_num / max(cfg.max_iters, 1):.0f}%): "
-                      f"loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, {tokens_per_iter / dt:,.0f} tok/s, "
-                      f"mfu {max(mfu, 0) * 100:.1f}%, eta {format_duration(eta)}", flush=True)  # shows in `| tee` too
-                metrics.log(iter_num, train_loss=lossf, lr=lr, ms_per_iter=round(dt * 1000, 3), mfu=round(max(mfu, 0), 5))
+                # flush: shows in `| tee` too
+                print(f"iter {iter_num}/{cfg.max_iters} "
+                      f"({100 * iter_num / max(cfg.max_iters, 1):.0f}%): loss {lossf:.4f}, "
+                      f"lr {lr:.2e}, {dt * 1000:.1f} ms, {tokens_per_iter / dt:,.0f} tok/s, "
+                      f"mfu {max(mfu, 0) * 100:.1f}%, eta {format_duration(eta)}", flush=True)
+                metrics.log(iter_num, train_loss=lossf, lr=lr, ms_per_iter=round(dt * 1000, 3),
+                            mfu=round(max(mfu, 0), 5))
     if metrics:
         metrics.close()
     return {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'losses': losses,
@@ -390,4 +417,5 @@ def train(cfg, dev, rank, world_size, received):
 
 if __name__ == '__main__':
     result = cli(main, TrainConfig)
-    sys.exit(128 + result['stop_signal'] if result['stop_signal'] else 0)  # why 128+: see the docstring
+    # why 128+: see the docstring
+    sys.exit(128 + result['stop_signal'] if result['stop_signal'] else 0)

@@ -1,4 +1,5 @@
-# Val loss of OpenAI's gpt2-large (774M: 36 layers, 20 heads, 1280 wide) on OpenWebText, without training.
+# Val loss of OpenAI's gpt2-large (774M: 36 layers, 20 heads, 1280 wide) on OpenWebText,
+# without training.
 # python data/openwebtext/prepare.py && python train.py config/eval_gpt2_large.py
 
 init_from = 'gpt2-large'

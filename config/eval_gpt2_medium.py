@@ -1,4 +1,5 @@
-# Val loss of OpenAI's gpt2-medium (350M: 24 layers, 16 heads, 1024 wide) on OpenWebText, without training.
+# Val loss of OpenAI's gpt2-medium (350M: 24 layers, 16 heads, 1024 wide) on OpenWebText,
+# without training.
 # python data/openwebtext/prepare.py && python train.py config/eval_gpt2_medium.py
 
 init_from = 'gpt2-medium'

@@ -1,4 +1,5 @@
-# Val loss of OpenAI's gpt2-xl (1558M: 48 layers, 25 heads, 1600 wide) on OpenWebText, without training.
+# Val loss of OpenAI's gpt2-xl (1558M: 48 layers, 25 heads, 1600 wide) on OpenWebText,
+# without training.
 # python data/openwebtext/prepare.py && python train.py config/eval_gpt2_xl.py
 
 init_from = 'gpt2-xl'

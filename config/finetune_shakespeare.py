@@ -1,4 +1,5 @@
-# Finetune OpenAI's GPT-2 XL (1.5B) on tiny Shakespeare in GPT-2's BPE, with a small constant learning rate.
+# Finetune OpenAI's GPT-2 XL (1.5B) on tiny Shakespeare in GPT-2's BPE,
+# with a small constant learning rate.
 # python data/shakespeare/prepare.py && python train.py config/finetune_shakespeare.py
 # python sample.py --out_dir=out-shakespeare --start="ROMEO:"
 # Needs one GPU with ~40 GB (see the README); on a smaller one use --init_from=gpt2 (124M).

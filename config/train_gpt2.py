@@ -1,6 +1,7 @@
 # Reproduce GPT-2 (124M) on OpenWebText with 8 GPUs. The reference ran this on one 8x A100 40GB node
 # for ~4 days to a val loss of ~2.85 (its figures, not measured here).
-# python data/openwebtext/prepare.py && torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+# python data/openwebtext/prepare.py
+# torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 
 out_dir = 'out-gpt2'
 wandb_log = False  # True to follow the ~4-day run on wandb.ai (pip install wandb)

@@ -1,4 +1,4 @@
-# A baby GPT on tiny Shakespeare, character level, for one GPU (~5 minutes on an A100).
+# A baby GPT on tiny Shakespeare, character level, for one GPU (minutes on a modern one).
 # python data/shakespeare_char/prepare.py && python train.py config/train_shakespeare_char.py
 
 out_dir = 'out-shakespeare-char'

@@ -12,7 +12,8 @@ from errors import UserError  # the prepare script put the repo root on sys.path
 
 
 def read_text(path, url=None, default_path=None):
-    """The UTF-8 text at `path`; if none is given, at `default_path`, downloaded from `url` if missing."""
+    """The UTF-8 text at `path`; if none is given, at `default_path`,
+    downloaded from `url` if missing."""
     if path is None:
         path = default_path
         if not os.path.isfile(path):
@@ -35,8 +36,8 @@ def download(url, path):
         response = requests.get(url, timeout=60)
         response.raise_for_status()
     except requests.RequestException as e:
-        raise UserError(f"could not download {url} ({type(e).__name__}): download it by hand to {path}, "
-                        "or pass --input FILE") from None
+        raise UserError(f"could not download {url} ({type(e).__name__}): download it by hand to "
+                        f"{path}, or pass --input FILE") from None
     tmp = path + '.tmp'
     with open(tmp, 'wb') as f:
         f.write(response.content)
@@ -60,10 +61,12 @@ def write_dataset(out_dir, train_ids, val_ids, vocab, vocab_size):
 
 
 def write_meta(out_dir, vocab, vocab_size, train_tokens, val_tokens):
-    meta = {'vocab': vocab, 'vocab_size': vocab_size, 'train_tokens': train_tokens, 'val_tokens': val_tokens}
+    meta = {'vocab': vocab, 'vocab_size': vocab_size,
+            'train_tokens': train_tokens, 'val_tokens': val_tokens}
     with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
         json.dump(meta, f, indent=1)
-    print(f"vocab_size {vocab_size:,}; train has {train_tokens:,} tokens, val {val_tokens:,}; written to {out_dir}")
+    print(f"vocab_size {vocab_size:,}; train has {train_tokens:,} tokens, val {val_tokens:,}; "
+          f"written to {out_dir}")
 
 
 def split_and_write(text, vocab, out_dir, val_fraction=0.1):
@@ -74,14 +77,16 @@ def split_and_write(text, vocab, out_dir, val_fraction=0.1):
     write_dataset(out_dir, tok.encode(text[:cut]), tok.encode(text[cut:]), vocab, tok.vocab_size)
 
 
-
 def prepare_text_dataset(description, here, url, vocab_of):
-    """The main of a one-text dataset (the Shakespeare scripts): --input FILE, or input.txt in `here`,
-    downloaded from `url` if missing; vocab_of(text) gives the vocabulary spec; bins go to --out_dir."""
+    """The main of a one-text dataset (the Shakespeare scripts): --input FILE, or input.txt in
+    `here`, downloaded from `url` if missing; vocab_of(text) gives the vocabulary spec;
+    bins go to --out_dir."""
     import argparse
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument('--input', help='local text file (default: input.txt here, downloaded if missing)')
-    parser.add_argument('--out_dir', default=here, help='where to write the bins (default: this folder)')
+    parser.add_argument('--input',
+                        help='local text file (default: input.txt here, downloaded if missing)')
+    parser.add_argument('--out_dir', default=here,
+                        help='where to write the bins (default: this folder)')
     args = parser.parse_args()
     text = read_text(args.input, url, os.path.join(here, 'input.txt'))
     split_and_write(text, vocab_of(text), args.out_dir)

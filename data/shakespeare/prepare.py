@@ -1,9 +1,10 @@
 """
-Tiny Shakespeare in GPT-2's BPE (tiktoken's r50k_base): ~3.3 characters per token, for finetuning GPT-2.
+Tiny Shakespeare in GPT-2's BPE (tiktoken's r50k_base): ~3.3 characters per token,
+for finetuning GPT-2.
 
-    python data/shakespeare/prepare.py                    # uses or downloads input.txt beside this file
-    python data/shakespeare/prepare.py --input FILE       # any local copy, offline
-    python data/shakespeare/prepare.py --out_dir DIR      # write the bins elsewhere
+    python data/shakespeare/prepare.py                # uses or downloads input.txt beside this file
+    python data/shakespeare/prepare.py --input FILE   # any local copy, offline
+    python data/shakespeare/prepare.py --out_dir DIR  # write the bins elsewhere
 
 Writes train.bin (first 90% of the text) and val.bin (last 10%), uint16 ids, and meta.json with the
 vocabulary spec. Real corpus: 1,115,394 characters -> train 301,966 tokens, val 36,059.
@@ -23,7 +24,9 @@ URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshake
 
 def main():
     # split by characters, as for shakespeare_char, so both datasets hold out the same text
-    prepare_text_dataset(__doc__.splitlines()[1], os.path.dirname(os.path.abspath(__file__)), URL, lambda text: GPT2_VOCAB)
+    # the docstring's first paragraph: the summary, over two lines that argparse joins
+    prepare_text_dataset(__doc__.split('\n\n')[0], os.path.dirname(os.path.abspath(__file__)), URL,
+                         lambda text: GPT2_VOCAB)
 
 
 if __name__ == '__main__':

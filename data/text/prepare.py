@@ -1,15 +1,15 @@
 """
 Your own text as a dataset: a file, or a folder of .txt files (one document each, in name order).
 
-    python data/text/prepare.py --input my_novel.txt                        # -> data/my_novel/, characters
-    python data/text/prepare.py --input letters/ --tokenizer gpt2 --name letters   # -> data/letters/, GPT-2 BPE
+    python data/text/prepare.py --input my_novel.txt  # -> data/my_novel/, characters
+    python data/text/prepare.py --input letters/ --tokenizer gpt2 --name letters  # -> data/letters/
     python train.py config/train_shakespeare_char_cpu.py --dataset=my_novel --out_dir=out-my-novel
     python sample.py --out_dir=out-my-novel
 
 Like the Shakespeare scripts: the first 90% of the text is train, the rest val, as uint16 ids in
-train.bin/val.bin with the vocabulary in meta.json. With --tokenizer char (the default) each distinct
-character is a token, documents are joined by a newline; with gpt2, documents are separated by
-GPT-2's <|endoftext|> token.
+train.bin/val.bin with the vocabulary in meta.json. With --tokenizer char (the default) each
+distinct character is a token, documents are joined by a newline; with gpt2, documents are
+separated by GPT-2's <|endoftext|> token.
 """
 
 import argparse
@@ -49,9 +49,11 @@ def read_documents(path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument('--input', required=True, help='a UTF-8 text file, or a folder of .txt files')
+    parser.add_argument('--input', required=True,
+                        help='a UTF-8 text file, or a folder of .txt files')
     parser.add_argument('--tokenizer', choices=('char', 'gpt2'), default='char')
-    parser.add_argument('--name', help='dataset name, i.e. data/NAME (default: the input file or folder name)')
+    parser.add_argument('--name', help='dataset name, i.e. data/NAME '
+                                       '(default: the input file or folder name)')
     parser.add_argument('--out_dir', help='write here instead of data/NAME')
     parser.add_argument('--val_fraction', type=float, default=0.1)
     args = parser.parse_args()
@@ -64,7 +66,8 @@ def main():
         text = '\n'.join(docs)
         vocab = char_vocab(text)
     else:
-        text = '<|endoftext|>'.join(docs)  # encoded as the single end-of-text token between documents
+        # encoded as the single end-of-text token between documents
+        text = '<|endoftext|>'.join(docs)
         vocab = GPT2_VOCAB
     split_and_write(text, vocab, out_dir, args.val_fraction)
     print(f"train on it with --dataset={name}" + (f" --data_dir={out_dir}" if args.out_dir else ''))
