@@ -1,3 +1,8 @@
+"""What the tests share: where the real data is, the tiny models and configs, and helpers that run
+scripts, write command lines and compare checkpoints."""
+
+import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -7,10 +12,22 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # tests import model, train, ... as the scripts do
+# one CPU thread per test process (and the scripts it runs), set before torch is imported: the tiny
+# models here gain nothing from more, and on a busy small machine PyTorch's threads wait for each
+# other (5x slower on 2 shared cores). A user's OMP_NUM_THREADS is kept.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
 # ../shared/data beside the checkout (CI has it); NANOGPT_SHARED_DATA points elsewhere
 SHARED = os.environ.get('NANOGPT_SHARED_DATA', os.path.join(REPO, '..', 'shared', 'data'))
-SHAKESPEARE = os.path.join(SHARED, 'tinyshakespeare', 'input.txt')
-TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken')  # tiktoken's cached r50k_base file: GPT-2's BPE offline
+# tiny Shakespeare: the shared copy, else the one `python data/shakespeare_char/prepare.py`
+# downloads (the quick start runs it)
+SHAKESPEARE_PATHS = (os.path.join(SHARED, 'tinyshakespeare', 'input.txt'),
+                     os.path.join(REPO, 'data', 'shakespeare_char', 'input.txt'))
+SHAKESPEARE = next((p for p in SHAKESPEARE_PATHS if os.path.isfile(p)), None)
+# tiktoken's cache of GPT-2's BPE (r50k_base): the user's TIKTOKEN_CACHE_DIR, else the shared copy
+# (offline), else None: tiktoken's own default cache, which it fills from the network
+SHARED_TIKTOKEN = os.path.join(SHARED, 'tiktoken')
+TIKTOKEN_CACHE = (os.environ.get('TIKTOKEN_CACHE_DIR')
+                  or (SHARED_TIKTOKEN if os.path.isdir(SHARED_TIKTOKEN) else None))
 
 
 def run_script(*args, env=None, timeout=300):
@@ -19,10 +36,17 @@ def run_script(*args, env=None, timeout=300):
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+def flags(cfg):
+    """The command line that gives cfg, a config dataclass or a dict of some of its keys."""
+    items = dataclasses.asdict(cfg).items() if dataclasses.is_dataclass(cfg) else cfg.items()
+    return [f'--{k}={v!r}' for k, v in items]
+
+
 @pytest.fixture(scope='session')
 def shakespeare_text():
-    if not os.path.isfile(SHAKESPEARE):
-        pytest.skip(f"tiny Shakespeare not found at {SHAKESPEARE} (set NANOGPT_SHARED_DATA)")
+    if SHAKESPEARE is None:
+        pytest.skip(f"tiny Shakespeare not found at {' nor at '.join(SHAKESPEARE_PATHS)}: run "
+                    "`python data/shakespeare_char/prepare.py` (it downloads it)")
     with open(SHAKESPEARE, encoding='utf-8') as f:
         return f.read()
 
@@ -44,14 +68,18 @@ def char_data(tmp_path_factory, shakespeare_text):
 
 @pytest.fixture(scope='session')
 def gpt2_bpe():
-    """GPT-2's BPE from the shared offline tiktoken cache; TIKTOKEN_CACHE_DIR stays set for the session,
-    so the scripts the tests run find it too."""
-    if not os.path.isdir(TIKTOKEN_CACHE):
-        pytest.skip(f"no tiktoken cache at {TIKTOKEN_CACHE} (set NANOGPT_SHARED_DATA)")
+    """GPT-2's BPE, from TIKTOKEN_CACHE; TIKTOKEN_CACHE_DIR stays set for the session, so the
+    scripts the tests run find it too."""
+    from errors import UserError
     from tokenizer import GPT2_VOCAB, Tokenizer
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
-        yield Tokenizer(GPT2_VOCAB)
+        if TIKTOKEN_CACHE:
+            mp.setenv('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
+        try:
+            tokenizer = Tokenizer(GPT2_VOCAB)
+        except UserError as e:
+            pytest.skip(f"{e} (or set NANOGPT_SHARED_DATA to a folder with tiktoken/ in it)")
+        yield tokenizer
 
 
 @pytest.fixture(scope='session')
@@ -63,13 +91,38 @@ def bpe_data(tmp_path_factory, shakespeare_text, gpt2_bpe):
 def tiny_train_config(out_dir, data_dir, **overrides):
     """A TrainConfig for a model small enough to train in seconds on a CPU."""
     from train import TrainConfig
-    base = dict(out_dir=str(out_dir), dataset='shakespeare_char', data_dir=str(data_dir), device='cpu',
-                compile=False, n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8,
-                gradient_accumulation_steps=1, dropout=0.0, learning_rate=3e-3, max_iters=20,
-                lr_decay_iters=20, warmup_iters=5, min_lr=3e-4, eval_interval=10, eval_iters=5,
-                log_interval=10, beta2=0.99)
+    base = dict(out_dir=str(out_dir), dataset='shakespeare_char', data_dir=str(data_dir),
+                device='cpu', compile=False, n_layer=2, n_head=2, n_embd=32, block_size=32,
+                batch_size=8, gradient_accumulation_steps=1, dropout=0.0, learning_rate=3e-3,
+                max_iters=20, lr_decay_iters=20, warmup_iters=5, min_lr=3e-4, eval_interval=10,
+                eval_iters=5, log_interval=10, beta2=0.99)
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def tiny_gpt(weight_scale=1.0, **overrides):
+    """A seeded GPT small enough to run in milliseconds: 2 layers, 2 heads, 32 wide, 16 positions,
+    65 tokens, biases, no dropout; overrides change any GPTConfig field. weight_scale multiplies
+    every weight after GPT-2's init (3: logits up to ~4, peakier than the near-uniform ones at
+    init)."""
+    import torch
+
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    args = dict(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                bias=True)
+    model = GPT(GPTConfig(**{**args, **overrides}))
+    if weight_scale != 1.0:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(weight_scale)
+    return model
+
+
+def metrics(out_dir):
+    """The rows of a run's metrics log, out_dir/metrics.jsonl."""
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
 
 
 def dir_snapshot(path):
@@ -82,3 +135,21 @@ def dir_snapshot(path):
             with open(p, 'rb') as f:
                 snap[os.path.relpath(p, path)] = (f.read(), os.stat(p).st_mtime_ns)
     return snap
+
+
+def weights(out_dir, name='ckpt.pt'):
+    """The model weights of a run's checkpoint."""
+    from checkpoint import load_checkpoint
+    return load_checkpoint(os.path.join(out_dir, name))['model']
+
+
+def same_weights(a, b):
+    """Two state dicts hold the same tensors, bit for bit."""
+    import torch
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def max_diff(a, b):
+    """The largest absolute difference between two state dicts' tensors."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)

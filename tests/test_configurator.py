@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import REPO, run_script
 
 import device
 from configurator import load_config
+from conftest import REPO, run_script
 from device import resolve_compile, resolve_device, resolve_dtype, resolve_sample_dtype
 from errors import UserError
 
@@ -31,27 +31,34 @@ def write(tmp_path, text):
     return str(path)
 
 
-def test_defaults():
+def test_no_arguments_give_the_defaults():
     assert load_config(Cfg, []) == Cfg()
 
 
 def test_config_file_then_flags_in_order(tmp_path):
-    path = write(tmp_path, "max_iters = 500\nlr_decay_iters = max_iters  # sees earlier values\ndataset = 'shakespeare_char'\n")
+    path = write(tmp_path, "max_iters = 500\n"
+                           "lr_decay_iters = max_iters  # sees earlier values\n"
+                           "dataset = 'shakespeare_char'\n")
     cfg = load_config(Cfg, ['--max_iters=7', path, '--learning_rate=3e-4'])
     assert cfg.max_iters == 500  # the file came after the flag
-    assert cfg.lr_decay_iters == 500 and cfg.dataset == 'shakespeare_char' and cfg.learning_rate == 3e-4
+    assert cfg.lr_decay_iters == 500 and cfg.dataset == 'shakespeare_char'
+    assert cfg.learning_rate == 3e-4
 
 
 def test_config_file_may_import_and_use_private_names(tmp_path):
-    path = write(tmp_path, "import math\n_steps = 2 ** 10\nmax_iters = _steps\nlearning_rate = math.sqrt(1e-6)\n")
+    path = write(tmp_path, "import math\n"
+                           "_steps = 2 ** 10\n"
+                           "max_iters = _steps\n"
+                           "learning_rate = math.sqrt(1e-6)\n")
     cfg = load_config(Cfg, [path])
     assert cfg.max_iters == 1024 and cfg.learning_rate == pytest.approx(1e-3)
 
 
 def test_flag_values_are_python_literals():
-    cfg = load_config(Cfg, ['--bias=True', '--learning_rate=1', '--dataset=shakespeare', '--top_k=None',
-                            '--compile=False'])
-    assert cfg.bias is True and cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    cfg = load_config(Cfg, ['--bias=True', '--learning_rate=1', '--dataset=shakespeare',
+                            '--top_k=None', '--compile=False'])
+    assert cfg.bias is True
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
     assert cfg.dataset == 'shakespeare' and cfg.top_k is None and cfg.compile is False
 
 
@@ -74,49 +81,74 @@ def test_bad_flags_are_one_line_errors_naming_the_key(args, message):
     assert message in str(e.value) and '\n' not in str(e.value)
 
 
-def test_unknown_key_in_config_file(tmp_path):
+def test_an_unknown_key_in_a_config_file_is_an_error_naming_the_file(tmp_path):
     path = write(tmp_path, "learning_rat = 1e-3\n")
-    with pytest.raises(UserError, match=r"in .*cfg.py: unknown config key 'learning_rat' \(did you mean 'learning_rate'\?\)"):
+    with pytest.raises(UserError, match=r"in .*cfg.py: unknown config key 'learning_rat' \(did you "
+                                        r"mean 'learning_rate'\?\)"):
         load_config(Cfg, [path])
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_without_traceback():
     r = run_script('train.py', '--batchsize=32')
     assert r.returncode == 2
     assert r.stderr == "error: unknown config key 'batchsize' (did you mean 'batch_size'?)\n"
 
 
-def test_shipped_configs_load():
+def config_path(name):
+    return os.path.join(REPO, 'config', name)
+
+
+def test_the_shakespeare_char_configs_have_the_documented_shapes():
     from train import TrainConfig
-    cfg = load_config(TrainConfig, ['config/train_shakespeare_char.py', '--batch_size=32', '--compile=False'])
-    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size) == (6, 6, 384, 256, 32)
+    cfg = load_config(TrainConfig, [config_path('train_shakespeare_char.py'), '--batch_size=32',
+                                    '--compile=False'])
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size) == \
+        (6, 6, 384, 256, 32)
     assert cfg.dropout == 0.2 and cfg.max_iters == 5000 and cfg.compile is False
-    cfg = load_config(TrainConfig, ['config/train_shakespeare_char_cpu.py'])
-    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.max_iters) == (4, 4, 128, 64, 12, 2000)
+    cfg = load_config(TrainConfig, [config_path('train_shakespeare_char_cpu.py')])
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.max_iters) == \
+        (4, 4, 128, 64, 12, 2000)
 
 
-def test_every_shipped_config_loads_and_passes_the_checks():
+def test_every_shipped_config_loads_passes_the_checks_and_says_how_to_run_it():
     from hf import GPT2_NAMES
     from train import TrainConfig, check_config
-    paths = sorted(glob.glob(os.path.join(REPO, 'config', '*.py')))
-    assert len(paths) == 9
-    for path in paths:
-        check_config(load_config(TrainConfig, [path]))
-    cfg = load_config(TrainConfig, [os.path.join(REPO, 'config', 'train_gpt2.py')])
-    assert cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps == 491_520  # ~0.5M tokens per step
-    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.max_iters, cfg.lr_decay_iters) == (12, 12, 768, 600000, 600000)
-    assert (cfg.learning_rate, cfg.min_lr, cfg.weight_decay, cfg.beta1, cfg.beta2) == (6e-4, 6e-5, 0.1, 0.9, 0.95)
-    for name in GPT2_NAMES:
-        cfg = load_config(TrainConfig, [os.path.join(REPO, 'config', f"eval_{name.replace('-', '_')}.py")])
-        assert cfg.init_from == name and cfg.eval_only and cfg.dataset == 'openwebtext' and not cfg.wandb_log
-    cfg = load_config(TrainConfig, [os.path.join(REPO, 'config', 'finetune_shakespeare.py')])
+    names = sorted(os.path.basename(p) for p in glob.glob(config_path('*.py')))
+    for name in names:
+        check_config(load_config(TrainConfig, [config_path(name)]))
+        with open(config_path(name)) as f:
+            assert f'train.py config/{name}' in f.read(), f'{name} has no command to run it'
+    eval_configs = [f"eval_{name.replace('-', '_')}.py" for name in GPT2_NAMES]
+    assert {'train_gpt2.py', 'finetune_shakespeare.py', *eval_configs} <= set(names)
+    cfg = load_config(TrainConfig, [config_path('train_gpt2.py')])
+    # ~0.5M tokens per step
+    assert cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps == 491_520
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.max_iters, cfg.lr_decay_iters) == \
+        (12, 12, 768, 600000, 600000)
+    assert (cfg.learning_rate, cfg.min_lr, cfg.weight_decay, cfg.beta1, cfg.beta2) == \
+        (6e-4, 6e-5, 0.1, 0.9, 0.95)
+    for name, eval_config in zip(GPT2_NAMES, eval_configs):
+        cfg = load_config(TrainConfig, [config_path(eval_config)])
+        assert cfg.init_from == name and cfg.eval_only and cfg.dataset == 'openwebtext'
+        assert not cfg.wandb_log
+    cfg = load_config(TrainConfig, [config_path('finetune_shakespeare.py')])
     assert cfg.init_from in GPT2_NAMES and cfg.dataset == 'shakespeare' and not cfg.decay_lr
     assert cfg.learning_rate < 1e-4 and not cfg.always_save_checkpoint
 
 
-def test_device_dtype_compile_resolution():
+def test_auto_device_is_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: True)
+    assert resolve_device('auto') == 'cuda'
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert resolve_device('auto') == 'mps'
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    assert resolve_device('auto') == 'cpu'
+
+
+def test_cpu_runs_fp32_uncompiled_by_default_and_bad_devices_are_refused():
     assert resolve_device('cpu') == 'cpu'
-    assert resolve_device('auto') in ('cuda', 'mps', 'cpu')
     assert resolve_dtype('auto', 'cpu') == 'float32'
     assert resolve_compile('auto', 'cpu') is False and resolve_compile(True, 'cpu') is True
     with pytest.raises(UserError, match='float16 needs CUDA'):
@@ -127,7 +159,8 @@ def test_device_dtype_compile_resolution():
 
 def test_sampling_dtype_is_bf16_where_decoding_is_faster_in_it(monkeypatch):
     """bf16 with native bf16 at any batch size; on AVX2/AVX-512 CPUs without it, for up to 4 rows
-    (vector products read half the bytes), fp32 from there on (bf16 matrix products are slow there)."""
+    (vector products read half the bytes), fp32 from there on (bf16 matrix products are slow
+    there)."""
     monkeypatch.setattr(device, 'cpu_has_native_bf16', lambda: True)
     assert resolve_sample_dtype('auto', 'cpu', batch_size=64) == 'bfloat16'
     monkeypatch.setattr(device, 'cpu_has_native_bf16', lambda: False)
@@ -135,7 +168,8 @@ def test_sampling_dtype_is_bf16_where_decoding_is_faster_in_it(monkeypatch):
     assert resolve_sample_dtype('auto', 'cpu') == 'bfloat16'
     assert resolve_sample_dtype('auto', 'cpu', batch_size=4) == 'bfloat16'
     assert resolve_sample_dtype('auto', 'cpu', batch_size=5) == 'float32'
-    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'DEFAULT')  # no vector units known
+    # no vector units known
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'DEFAULT')
     assert resolve_sample_dtype('auto', 'cpu') == 'float32'
     assert resolve_sample_dtype('bfloat16', 'cpu', batch_size=64) == 'bfloat16'
     assert resolve_sample_dtype('float32', 'cpu') == 'float32'
@@ -144,7 +178,6 @@ def test_sampling_dtype_is_bf16_where_decoding_is_faster_in_it(monkeypatch):
 
 
 def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
-    import torch
     cpuinfo = tmp_path / 'cpuinfo'
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512')
     cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n')
@@ -152,6 +185,7 @@ def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
     cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu avx2 avx512f\n')
     assert device.cpu_has_native_bf16(cpuinfo) is False
     assert device.cpu_has_native_bf16(tmp_path / 'none') is False  # no /proc/cpuinfo: not Linux
-    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')  # PyTorch's kernels: no AVX-512
+    # PyTorch's kernels: no AVX-512
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')
     cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n')
     assert device.cpu_has_native_bf16(cpuinfo) is False

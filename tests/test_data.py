@@ -2,12 +2,13 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
 
+from conftest import run_script
 from dataset import batch_seed, get_batch
 from tokenizer import GPT2_VOCAB, Tokenizer, char_vocab
 
@@ -15,7 +16,8 @@ from tokenizer import GPT2_VOCAB, Tokenizer, char_vocab
 def read_bins(data_dir):
     with open(os.path.join(data_dir, 'meta.json')) as f:
         meta = json.load(f)
-    ids = {s: np.fromfile(os.path.join(data_dir, f'{s}.bin'), dtype=np.uint16) for s in ('train', 'val')}
+    ids = {s: np.fromfile(os.path.join(data_dir, f'{s}.bin'), dtype=np.uint16)
+           for s in ('train', 'val')}
     return meta, ids
 
 
@@ -27,12 +29,15 @@ def test_char_prepare_decodes_back_to_the_input(char_data, shakespeare_text):
     assert tok.decode(ids['train'].tolist()) + tok.decode(ids['val'].tolist()) == shakespeare_text
 
 
+@pytest.mark.slow
 def test_prepare_reports_missing_and_non_utf8_input(tmp_path):
-    r = run_script('data/shakespeare_char/prepare.py', '--input', str(tmp_path / 'nope.txt'), '--out_dir', str(tmp_path))
+    r = run_script('data/shakespeare_char/prepare.py', '--input', str(tmp_path / 'nope.txt'),
+                   '--out_dir', str(tmp_path))
     assert r.returncode == 2 and 'input file' in r.stderr and 'not found' in r.stderr
     bad = tmp_path / 'latin1.txt'
     bad.write_bytes('caf'.encode() + 'é'.encode('latin-1') + b' au lait')
-    r = run_script('data/shakespeare_char/prepare.py', '--input', str(bad), '--out_dir', str(tmp_path))
+    r = run_script('data/shakespeare_char/prepare.py', '--input', str(bad),
+                   '--out_dir', str(tmp_path))
     assert r.returncode == 2 and 'not UTF-8 text: byte 0xe9 at offset 3' in r.stderr
     assert not os.path.exists(tmp_path / 'train.bin')
 
@@ -47,14 +52,15 @@ def test_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch):
         raise requests.ConnectionError('no network')
     monkeypatch.setattr(requests, 'get', offline)
     target = tmp_path / 'input.txt'
-    with pytest.raises(UserError, match=f'download it by hand to {target}, or pass --input FILE'):
+    message = f'download it by hand to {target}, or pass --input FILE'
+    with pytest.raises(UserError, match=re.escape(message)):
         read_text(None, 'https://example.invalid/input.txt', str(target))
     assert not target.exists()
 
 
 def test_char_tokenizer_round_trip_and_unknown_characters():
     tok = Tokenizer(char_vocab('hello world'))
-    assert tok.decode(tok.encode('hold', )) == 'hold'
+    assert tok.decode(tok.encode('hold')) == 'hold'
     from errors import UserError
     with pytest.raises(UserError, match=r"not in the model's vocabulary: 'XZ'"):
         tok.encode('hello XZX')
@@ -65,7 +71,8 @@ def test_batches_are_shifted_windows_of_the_data():
     x, y = get_batch(data, block_size=16, batch_size=4, seed=7)
     assert x.shape == y.shape == (4, 16) and x.dtype == torch.long
     assert torch.equal(y[:, :-1], x[:, 1:])  # y[t] is the token after x[t]
-    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(4, 15, dtype=torch.long))  # contiguous windows
+    # contiguous windows
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(4, 15, dtype=torch.long))
 
 
 def test_batches_depend_only_on_the_seed_and_rows_slice_the_same_batch():
@@ -77,27 +84,35 @@ def test_batches_depend_only_on_the_seed_and_rows_slice_the_same_batch():
     assert torch.equal(x1, x2) and torch.equal(part, x1[4:])
     other, _ = get_batch(data, 16, 8, batch_seed(1337, 'train', 43))
     assert not torch.equal(other, x1)
-    assert len({batch_seed(1, s, i) for s in ('train', 'val', 'eval_train', 'eval_val') for i in range(3)}) == 12
+    # a seed of its own for each split and step
+    splits = ('train', 'val', 'eval_train', 'eval_val')
+    assert len({batch_seed(1, s, i) for s in splits for i in range(3)}) == 12
 
 
-def test_bpe_prepare_gives_the_reference_token_counts_and_decodes_back(bpe_data, shakespeare_text, gpt2_bpe):
+def test_bpe_prepare_gives_the_reference_token_counts_and_decodes_back(bpe_data, shakespeare_text,
+                                                                       gpt2_bpe):
     meta, ids = read_bins(bpe_data)
     assert meta['vocab'] == GPT2_VOCAB and meta['vocab_size'] == 50257
     assert (len(ids['train']), len(ids['val'])) == (301_966, 36_059)  # the reference's counts
     assert (meta['train_tokens'], meta['val_tokens']) == (301_966, 36_059)
-    assert gpt2_bpe.decode(ids['train'].tolist()) + gpt2_bpe.decode(ids['val'].tolist()) == shakespeare_text
-    assert gpt2_bpe.encode('Hello world') == [15496, 995]  # GPT-2's ids (r50k_base is GPT-2's BPE)
+    text = gpt2_bpe.decode(ids['train'].tolist()) + gpt2_bpe.decode(ids['val'].tolist())
+    assert text == shakespeare_text
+    # GPT-2's ids (r50k_base is GPT-2's BPE)
+    assert gpt2_bpe.encode('Hello world') == [15496, 995]
 
 
-def test_openwebtext_prepare_on_a_local_corpus(tmp_path, gpt2_bpe):
+@pytest.mark.slow
+def test_openwebtext_prepare_keeps_each_local_document_once_ending_in_end_of_text(tmp_path,
+                                                                                  gpt2_bpe):
     docs = [f"Document {i}: {'some words ' * i}\n" for i in range(8)]
-    docs += ['no trailing newline, non-ASCII: café ✓', 'a literal <|endoftext|> is text, not a boundary\n\n']
+    docs += ['no trailing newline, non-ASCII: café ✓',
+             'a literal <|endoftext|> is text, not a boundary\n\n']
     corpus = tmp_path / 'corpus'
     corpus.mkdir()
     for i, doc in enumerate(docs):
         (corpus / f'{i:02d}.txt').write_text(doc, encoding='utf-8')
-    r = run_script('data/openwebtext/prepare.py', '--input', str(corpus), '--out_dir', str(tmp_path / 'out'),
-                   '--num_proc=2', '--val_fraction=0.2',
+    r = run_script('data/openwebtext/prepare.py', '--input', str(corpus),
+                   '--out_dir', str(tmp_path / 'out'), '--num_proc=2', '--val_fraction=0.2',
                    env={'HF_DATASETS_CACHE': str(tmp_path / 'cache'), 'HF_HUB_OFFLINE': '1'})
     assert r.returncode == 0, r.stderr
     meta, ids = read_bins(tmp_path / 'out')
@@ -105,12 +120,14 @@ def test_openwebtext_prepare_on_a_local_corpus(tmp_path, gpt2_bpe):
     eot = gpt2_bpe.eot_token
     found = {}
     for split in ('train', 'val'):
-        assert ids[split][-1] == eot  # every document, the last one too, is followed by <|endoftext|>
+        # every document, the last one too, is followed by <|endoftext|>
+        assert ids[split][-1] == eot
         ends = np.flatnonzero(ids[split] == eot)
         starts = np.concatenate([[0], ends[:-1] + 1])
         found[split] = [gpt2_bpe.decode(ids[split][s:e].tolist()) for s, e in zip(starts, ends)]
     assert len(found['val']) == 2  # ceil(0.2 * 10) documents held out
-    assert sorted(found['train'] + found['val']) == sorted(docs)  # each document once, byte for byte
+    # each document once, byte for byte
+    assert sorted(found['train'] + found['val']) == sorted(docs)
 
 
 def test_openwebtext_reads_a_dataset_saved_with_save_to_disk(tmp_path, monkeypatch):

@@ -1,19 +1,19 @@
 """Bad input: one line saying what to do, exit status 2, and no file in out_dir changed.
 
-Each case runs a script's command line in-process (configurator.cli, as `python train.py ...` does)
-against a copy of a trained run's folder, and compares that folder's bytes and mtimes before and after."""
+Each case runs a script's command line in-process (configurator.cli, as `python train.py ...`
+does) against a copy of a trained run's folder, and compares that folder's bytes and mtimes before
+and after."""
 
 import os
 import shutil
-from dataclasses import asdict
 
 import numpy as np
 import pytest
-from conftest import dir_snapshot, tiny_train_config
 
 import sample
 import train
 from configurator import cli
+from conftest import dir_snapshot, flags, tiny_train_config
 
 
 @pytest.fixture(scope='module')
@@ -43,9 +43,10 @@ def fails(script, config_cls, args, out_dir, capsys):
 
 
 def train_args(out_dir, data_dir, *extra):
-    """A valid train.py command line for the trained run (resuming it to 20 steps), then extra flags."""
+    """A valid train.py command line for the trained run (resuming it to 20 steps), then extra
+    flags."""
     cfg = tiny_train_config(out_dir, data_dir, max_iters=20, eval_interval=5, init_from='resume')
-    return [f'--{k}={v!r}' for k, v in asdict(cfg).items()] + list(extra)
+    return [*flags(cfg), *extra]
 
 
 @pytest.mark.parametrize('extra, message', [
@@ -54,11 +55,13 @@ def train_args(out_dir, data_dir, *extra):
     (['--batch_size=0'], "batch_size must be positive, got 0"),
     (['--gradient_accumulation_steps=-2'], "gradient_accumulation_steps must be positive, got -2"),
     (['--eval_iters=0'], "eval_iters must be positive, got 0"),
-    (['--max_iters=0'], "max_iters must be positive, got 0 (to evaluate only, use --eval_only=True)"),
-    (['--max_iters=10'], "ckpt.pt is at iter 10, max_iters is 10: nothing to train; raise --max_iters"),
+    (['--max_iters=0'],
+     "max_iters must be positive, got 0 (to evaluate only, use --eval_only=True)"),
+    (['--max_iters=10'],
+     "ckpt.pt is at iter 10, max_iters is 10: nothing to train; raise --max_iters"),
     (['--n_embd=64'], "ckpt.pt has n_embd=32 but this run asks for 64: resume with --n_embd=32"),
-    (['--block_size=64'], "ckpt.pt has block_size=32 but this run asks for 64 (it learned positions for 32 "
-                          "tokens only): resume with --block_size=32"),
+    (['--block_size=64'], "ckpt.pt has block_size=32 but this run asks for 64 (it learned "
+                          "positions for 32 tokens only): resume with --block_size=32"),
     (['--init_from=scratch', '--dataset=nope', "--data_dir=''"],
      "dataset 'nope' not found in "),
 ])
@@ -72,7 +75,8 @@ def test_train_refuses_bad_settings(out_dir, char_data, capsys, extra, message):
 def test_train_refuses_a_dataset_of_another_vocabulary(out_dir, char_data, tmp_path, capsys):
     data = shutil.copytree(char_data, tmp_path / 'data')
     (data / 'meta.json').write_text('{"vocab": {"kind": "char", "chars": "ab"}}')
-    err = fails(train, train.TrainConfig, train_args(out_dir, char_data, f'--data_dir={str(data)!r}'), out_dir, capsys)
+    args = train_args(out_dir, char_data, f'--data_dir={str(data)!r}')
+    err = fails(train, train.TrainConfig, args, out_dir, capsys)
     assert "was trained with another vocabulary than dataset 'shakespeare_char': resume with " \
            "--dataset='shakespeare_char'" in err
 
@@ -87,25 +91,29 @@ def test_train_refuses_a_missing_or_corrupt_checkpoint(out_dir, char_data, capsy
                           'empty': b''}[damage])
     err = fails(train, train.TrainConfig, train_args(out_dir, char_data), out_dir, capsys)
     if damage == 'missing':
-        assert err.startswith(f"error: no checkpoint at {path} (train one first, or point --out_dir at the run's")
+        assert err.startswith(f"error: no checkpoint at {path} (train one first, or point "
+                              "--out_dir at the run's")
     else:
         assert err.startswith(f"error: checkpoint {path} cannot be read (")
-        assert err.endswith("it is corrupt or not a nanogpt checkpoint: use another one, e.g. ckpt_prev.pt or "
-                            "best.pt beside it\n")
+        assert err.endswith("it is corrupt or not a nanogpt checkpoint: use another one, e.g. "
+                            "ckpt_prev.pt or best.pt beside it\n")
 
 
 @pytest.mark.parametrize('split, tokens', [('val', 32), ('train', 0)])
-def test_train_refuses_a_split_too_small_for_the_block_size(out_dir, char_data, tmp_path, capsys, split, tokens):
+def test_train_refuses_a_split_too_small_for_the_block_size(out_dir, char_data, tmp_path, capsys,
+                                                            split, tokens):
     data = shutil.copytree(char_data, tmp_path / 'data')
-    np.arange(tokens, dtype=np.uint16).tofile(data / f'{split}.bin')  # block_size 32 needs 33 tokens or more
-    err = fails(train, train.TrainConfig, train_args(out_dir, char_data, f'--data_dir={str(data)!r}'), out_dir, capsys)
-    assert f"the {split} split of 'shakespeare_char' has {tokens} tokens, too few for block_size 32: use a " \
-           "smaller --block_size or more text" in err
+    # block_size 32 needs 33 tokens or more
+    np.arange(tokens, dtype=np.uint16).tofile(data / f'{split}.bin')
+    args = train_args(out_dir, char_data, f'--data_dir={str(data)!r}')
+    err = fails(train, train.TrainConfig, args, out_dir, capsys)
+    assert f"the {split} split of 'shakespeare_char' has {tokens} tokens, too few for block_size " \
+           "32: use a smaller --block_size or more text" in err
 
 
 @pytest.mark.parametrize('extra, message', [
-    (['--start=café €'], "characters not in the model's vocabulary: 'é€' (use only characters the model was "
-                         "trained on)"),
+    (['--start=café €'], "characters not in the model's vocabulary: 'é€' (use only characters the "
+                         "model was trained on)"),
     (['--num_samples=0'], "num_samples must be positive, got 0"),
     (['--max_new_tokens=-5'], "max_new_tokens must be positive, got -5"),
     (['--ckpt=nope.pt'], "no checkpoint at "),
@@ -113,7 +121,8 @@ def test_train_refuses_a_split_too_small_for_the_block_size(out_dir, char_data, 
     (['--top_k=2.5'], "config key 'top_k' must be int or None, got float 2.5"),
 ])
 def test_sample_refuses_bad_settings(out_dir, capsys, extra, message):
-    args = [f'--out_dir={out_dir}', '--device=cpu', '--num_samples=1', '--max_new_tokens=5', *extra]
+    args = [f'--out_dir={out_dir}', '--device=cpu', '--num_samples=1', '--max_new_tokens=5',
+            *extra]
     assert message in fails(sample, sample.SampleConfig, args, out_dir, capsys)
 
 
@@ -123,4 +132,5 @@ def test_sample_refuses_a_corrupt_checkpoint(out_dir, capsys):
     path.unlink()  # best.pt is a hard link to a checkpoint: truncate a copy, not the shared file
     path.write_bytes(data[:1000])
     args = [f'--out_dir={out_dir}', '--device=cpu']
-    assert f"checkpoint {path} cannot be read (" in fails(sample, sample.SampleConfig, args, out_dir, capsys)
+    err = fails(sample, sample.SampleConfig, args, out_dir, capsys)
+    assert f"checkpoint {path} cannot be read (" in err

@@ -1,5 +1,5 @@
-"""Training you can trust: exact resume, crash-safe checkpoints, graceful stop, non-finite losses, safe
-loading. The comment at the top of each test says how the classic nanoGPT fails it."""
+"""Training you can trust: exact resume, crash-safe checkpoints, graceful stop, non-finite losses,
+safe loading. The comment at the top of each test says how the classic nanoGPT fails it."""
 
 import os
 import re
@@ -7,15 +7,15 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import pytest
 import torch
-from conftest import REPO, dir_snapshot, run_script, tiny_train_config
 
 import dataset
 import train
 from checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_checkpoint
+from conftest import REPO, dir_snapshot, flags, run_script, same_weights, tiny_train_config, weights
 from errors import UserError
 from model import GPT, GPTConfig
 
@@ -24,20 +24,8 @@ def checkpoint_files(out_dir):
     """The files of out_dir but the metrics log, which every run writes."""
     return sorted(f for f in os.listdir(out_dir) if f != 'metrics.jsonl')
 
-def flags(cfg):
-    """The command line that gives cfg."""
-    return [f'--{k}={v!r}' for k, v in asdict(cfg).items()]
 
-
-def weights(out_dir, name='ckpt.pt'):
-    return load_checkpoint(os.path.join(out_dir, name))['model']
-
-
-def same_weights(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # exact resume
 
 @pytest.fixture
@@ -56,29 +44,35 @@ def training_forwards(monkeypatch):
     return seen
 
 
-def test_resumed_twice_sees_the_same_batches_and_losses_and_ends_bit_identical(tmp_path, char_data,
-                                                                               training_forwards):
+def test_resumed_twice_sees_the_same_batches_and_losses_and_ends_bit_identical(
+        tmp_path, char_data, training_forwards):
     # classic: batches and dropout come from random states the checkpoint does not hold
     overrides = dict(dropout=0.1, gradient_accumulation_steps=2, eval_interval=5)
     train.main(tiny_train_config(tmp_path / 'full', char_data, max_iters=12, **overrides))
     full = list(training_forwards)
     training_forwards.clear()
-    for stop, init_from in ((4, 'scratch'), (8, 'resume'), (12, 'resume')):  # stop at 4 and 8, end at 12
-        train.main(tiny_train_config(tmp_path / 'split', char_data, max_iters=stop, init_from=init_from, **overrides))
+    # stop at 4 and 8, end at 12
+    for stop, init_from in ((4, 'scratch'), (8, 'resume'), (12, 'resume')):
+        train.main(tiny_train_config(tmp_path / 'split', char_data, max_iters=stop,
+                                     init_from=init_from, **overrides))
     assert len(full) == 12 * 2
-    assert training_forwards == full  # no batch replayed or skipped, the same dropout: the same losses
+    # no batch replayed or skipped, the same dropout: the same losses
+    assert training_forwards == full
     assert same_weights(weights(tmp_path / 'full'), weights(tmp_path / 'split'))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # graceful stop
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_exits_143_and_resuming_ends_bit_identical(tmp_path, char_data):
     # classic: SIGTERM kills the run; every step since the last evaluation is lost
-    cfg = tiny_train_config(tmp_path / 'stopped', char_data, dropout=0.1, gradient_accumulation_steps=2,
-                            max_iters=10**6, eval_interval=10**6, log_interval=1)
-    proc = subprocess.Popen([sys.executable, 'train.py', *flags(cfg)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    cfg = tiny_train_config(tmp_path / 'stopped', char_data, dropout=0.1,
+                            gradient_accumulation_steps=2, max_iters=10**6, eval_interval=10**6,
+                            log_interval=1)
+    proc = subprocess.Popen([sys.executable, 'train.py', *flags(cfg)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'PYTHONUNBUFFERED': '1'})
     for line in proc.stdout:
         if line.startswith('iter 2/'):  # mid-run
             break
@@ -87,11 +81,12 @@ def test_sigterm_saves_the_step_exits_143_and_resuming_ends_bit_identical(tmp_pa
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    stopped = re.search(r"stopped by SIGTERM at iter (\d+), saved to .*ckpt\.pt; to continue, run the same "
-                        r"command with --init_from=resume\n", out)
+    stopped = re.search(r"stopped by SIGTERM at iter (\d+), saved to .*ckpt\.pt; to continue, run "
+                        r"the same command with --init_from=resume\n", out)
     k = int(stopped[1])
     assert k >= 2 and load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))['iter_num'] == k
-    assert checkpoint_files(cfg.out_dir) == ['ckpt.pt']  # no evaluation on the way out, so no best.pt
+    # no evaluation on the way out, so no best.pt
+    assert checkpoint_files(cfg.out_dir) == ['ckpt.pt']
     train.main(replace(cfg, max_iters=k + 2, init_from='resume'))
     train.main(replace(cfg, max_iters=k + 2, out_dir=str(tmp_path / 'full')))
     assert same_weights(weights(tmp_path / 'stopped'), weights(tmp_path / 'full'))
@@ -115,12 +110,14 @@ def handlers():
     return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
 
 
-def test_sigint_finishes_the_step_saves_it_and_restores_the_handlers(tmp_path, char_data, monkeypatch, capsys):
+def test_sigint_finishes_the_step_saves_it_and_restores_the_handlers(tmp_path, char_data,
+                                                                     monkeypatch, capsys):
     # classic: Ctrl-C raises KeyboardInterrupt mid-step and nothing is saved
     before = handlers()
     signal_while_drawing(monkeypatch, step=3, signum=signal.SIGINT)
     result = train.main(tiny_train_config(tmp_path, char_data))
-    assert result['stop_signal'] == signal.SIGINT and result['iter_num'] == 3  # step 3 finished, then stop
+    # step 3 finished, then the run stopped
+    assert result['stop_signal'] == signal.SIGINT and result['iter_num'] == 3
     assert load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))['iter_num'] == 3
     assert 'stopped by SIGINT at iter 3' in capsys.readouterr().out
     assert handlers() == before
@@ -135,7 +132,7 @@ def test_a_second_sigint_quits_at_once(tmp_path, char_data, monkeypatch):
     assert handlers() == before
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # crash-safe checkpoints
 
 SAVE_HALF_THEN_HANG = '''
@@ -160,12 +157,13 @@ cli(train.main, train.TrainConfig)
 '''
 
 
+@pytest.mark.slow
 def test_sigkill_while_saving_leaves_the_previous_checkpoint_to_resume_from(tmp_path, char_data):
     # classic: torch.save writes straight into ckpt.pt, so a kill mid-write leaves half a file there
     cfg = tiny_train_config(tmp_path / 'run', char_data, max_iters=10, eval_interval=5)
     marker = tmp_path / 'saving'
-    proc = subprocess.Popen([sys.executable, '-c', SAVE_HALF_THEN_HANG, str(marker), *flags(cfg)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, '-c', SAVE_HALF_THEN_HANG, str(marker), *flags(cfg)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read()
@@ -178,7 +176,8 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_to_resume_from(tmp_
     with pytest.raises(UserError, match='cannot be read'):
         load_checkpoint(os.path.join(out, 'ckpt.pt.tmp'))  # the half-written step-10 checkpoint
     assert load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num'] == 5
-    assert train.main(replace(cfg, init_from='resume'))['iter_num'] == 10  # from ckpt.pt; the .tmp is overwritten
+    # resumed from ckpt.pt; the .tmp is overwritten
+    assert train.main(replace(cfg, init_from='resume'))['iter_num'] == 10
     assert checkpoint_files(out) == ['best.pt', 'ckpt.pt', 'ckpt_prev.pt']
     assert load_checkpoint(os.path.join(out, 'ckpt_prev.pt'))['iter_num'] == 5
 
@@ -187,7 +186,8 @@ class Crash(Exception):
     pass
 
 
-def test_a_crash_between_any_two_file_operations_of_a_save_leaves_loadable_checkpoints(tmp_path, monkeypatch):
+def test_a_crash_between_any_two_file_operations_of_a_save_leaves_loadable_checkpoints(tmp_path,
+                                                                                      monkeypatch):
     # classic: no previous checkpoint is kept, and best.pt does not exist
     def ckpt(n):
         return {'format_version': FORMAT_VERSION, 'iter_num': n}
@@ -219,31 +219,38 @@ def test_a_crash_between_any_two_file_operations_of_a_save_leaves_loadable_check
                 finished = False
         latest = iter_of(out, 'ckpt.pt')
         assert latest in (2, 3)  # the old checkpoint or the new one, whole
-        assert iter_of(out, 'ckpt_prev.pt') in ((2,) if latest == 3 else (1, 2))  # the one ckpt.pt had
+        # ckpt_prev.pt holds the checkpoint ckpt.pt held before
+        assert iter_of(out, 'ckpt_prev.pt') in ((2,) if latest == 3 else (1, 2))
         assert iter_of(out, 'best.pt') in (1, 3)
-        save_checkpoint(ckpt(4), out, is_best=False)  # what the crash left behind does not get in the way
+        # what the crash left behind does not get in the way
+        save_checkpoint(ckpt(4), out, is_best=False)
         assert checkpoint_files(out) == ['best.pt', 'ckpt.pt', 'ckpt_prev.pt']
         assert iter_of(out, 'ckpt.pt') == 4 and iter_of(out, 'ckpt_prev.pt') == latest
         if finished:
             break
-    assert finished and crash_at == 5  # link+replace (ckpt_prev.pt), replace (ckpt.pt), link+replace (best.pt)
+    # link + replace (ckpt_prev.pt), replace (ckpt.pt), link + replace (best.pt)
+    assert finished and crash_at == 5
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # non-finite loss
 
-def test_a_non_finite_loss_stops_the_run_naming_the_iteration_and_changes_no_file(tmp_path, char_data):
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_naming_the_iteration_and_changes_no_file(tmp_path,
+                                                                                  char_data):
     # classic: trains on through nan and saves the nan model over ckpt.pt at the next evaluation
-    cfg = tiny_train_config(tmp_path, char_data, max_iters=5, eval_interval=5, warmup_iters=0, log_interval=1)
+    cfg = tiny_train_config(tmp_path, char_data, max_iters=5, eval_interval=5, warmup_iters=0,
+                            log_interval=1)
     train.main(cfg)
     before = dir_snapshot(tmp_path)
     # lr 1e30 throws the weights to ~1e30 in one step; the next forward overflows to inf, then nan
-    r = run_script('train.py', *flags(replace(cfg, init_from='resume', max_iters=10, learning_rate=1e30,
-                                              decay_lr=False, grad_clip=0.0)))
+    diverging = replace(cfg, init_from='resume', max_iters=10, learning_rate=1e30, decay_lr=False,
+                        grad_clip=0.0)
+    r = run_script('train.py', *flags(diverging))
     assert 'iter 6/' in r.stdout
     assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
-    assert r.stderr.startswith('error: the loss is not finite at iter 7 (lr 1.00e+30): the run diverged and '
-                               'stopped without saving')
+    assert r.stderr.startswith('error: the loss is not finite at iter 7 (lr 1.00e+30): the run '
+                               'diverged and stopped without saving')
     after = dir_snapshot(tmp_path)
     # the checkpoints are untouched; only the metrics log has the steps logged before the divergence
     assert {k: v for k, v in after.items() if k != 'metrics.jsonl'} == \
@@ -251,7 +258,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_iteration_and_changes_no_fil
     assert after['metrics.jsonl'][0].startswith(before['metrics.jsonl'][0])
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # safe loading
 
 def test_every_checkpoint_written_loads_with_weights_only(tmp_path, char_data):
@@ -261,10 +268,11 @@ def test_every_checkpoint_written_loads_with_weights_only(tmp_path, char_data):
     assert files == ['best.pt', 'ckpt.pt', 'ckpt_prev.pt']
     for name in files:
         ckpt = torch.load(os.path.join(tmp_path, name), weights_only=True)
-        assert set(ckpt) == {'format_version', 'model', 'optimizer', 'scaler', 'model_args', 'config',
-                             'iter_num', 'best_val_loss', 'vocab', 'rng'}
+        assert set(ckpt) == {'format_version', 'model', 'optimizer', 'scaler', 'model_args',
+                             'config', 'iter_num', 'best_val_loss', 'vocab', 'rng'}
         assert set(ckpt['rng']) == {'python', 'numpy', 'torch', 'cuda'}
-    assert [load_checkpoint(os.path.join(tmp_path, f))['iter_num'] for f in ('ckpt_prev.pt', 'ckpt.pt')] == [10, 15]
+    assert [load_checkpoint(os.path.join(tmp_path, f))['iter_num']
+            for f in ('ckpt_prev.pt', 'ckpt.pt')] == [10, 15]
 
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
@@ -275,11 +283,13 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
             return os.mkdir, (str(marker),)  # what unpickling would call
 
     torch.save({'format_version': FORMAT_VERSION, 'payload': Payload()}, tmp_path / 'ckpt.pt')
-    with pytest.raises(UserError, match=r"ckpt\.pt cannot be read .*it is corrupt or not a nanogpt checkpoint"):
+    with pytest.raises(UserError, match=r"ckpt\.pt cannot be read .*it is corrupt or not a "
+                                        r"nanogpt checkpoint"):
         load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_compiled_run_saves_the_raw_model_and_resumes(tmp_path, char_data, monkeypatch):
     # classic: saves the compiled module's state_dict, whose keys all start with '_orig_mod.'
     if not torch._dynamo.is_dynamo_supported():
@@ -293,10 +303,12 @@ def test_a_compiled_run_saves_the_raw_model_and_resumes(tmp_path, char_data, mon
         return compiled[-1]
 
     monkeypatch.setattr(torch, 'compile', compile_eager)
-    cfg = tiny_train_config(tmp_path, char_data, compile=True, max_iters=2, eval_interval=2, eval_iters=1)
+    cfg = tiny_train_config(tmp_path, char_data, compile=True, max_iters=2, eval_interval=2,
+                            eval_iters=1)
     train.main(cfg)
-    assert all(k.startswith('_orig_mod.') for k in compiled[0].state_dict())  # what would be saved classically
+    # what would be saved classically
+    assert all(k.startswith('_orig_mod.') for k in compiled[0].state_dict())
     ckpt = load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))
     assert set(ckpt['model']) == set(GPT(GPTConfig(**ckpt['model_args'])).state_dict())
-    model_from_checkpoint(ckpt)  # loads strictly
+    model_from_checkpoint(ckpt)  # loads strictly: raises if a key is missing or unexpected
     assert train.main(replace(cfg, max_iters=3, init_from='resume'))['iter_num'] == 3
