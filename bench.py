@@ -45,7 +45,7 @@ class BenchConfig(TrainConfig):
     bench_warmup: int = 5  # untimed steps first (the lr stays at learning_rate: no schedule)
     bench_iters: int = 30  # timed steps
     real_data: bool = False  # batches from the dataset's train split; False: random tokens
-    vocab_size: int = 50304  # with random tokens: GPT-2's 50257 rounded up to a multiple of 64
+    vocab_size: int = 50257  # with random tokens: GPT-2's (padded as train.py pads it: 50304)
     # also profile a few steps with torch.profiler: a table of the top ops and a trace
     profile: bool = False
     trace_file: str = 'bench_trace.json'  # the profile's chrome trace (open in ui.perfetto.dev)

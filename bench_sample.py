@@ -65,11 +65,12 @@ def path_name(use_cache, dtype):
 
 
 def time_generate(model, idx, cfg, device, use_cache, dtype, n):
-    """Seconds of one run of generate for n new tokens, sampling at temperature 1."""
-    g = torch.Generator(device).manual_seed(cfg.seed)
+    """Seconds of one run of generate for n new tokens, sampling at temperature 1, each row from its
+    own random stream (as sample.py does)."""
+    seeds = torch.arange(cfg.seed, cfg.seed + len(idx), device=device)
     with torch.no_grad(), autocast_context(device, dtype):
         t0 = time.perf_counter()
-        out = generate(model, idx, n, use_cache=use_cache, generator=g)
+        out = generate(model, idx, n, use_cache=use_cache, seeds=seeds)
         out[0, -1].item()  # waits for the device, so the clock is honest
         return time.perf_counter() - t0
 

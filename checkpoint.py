@@ -70,9 +70,11 @@ def _link_over(src, dst):
     os.replace(tmp, dst)
 
 
-def save_checkpoint(ckpt, out_dir, is_best):
-    """Write ckpt.pt, keep the one it replaces as ckpt_prev.pt, and when is_best make best.pt the
-    same file. best.pt changes only here, so only a model the caller found better replaces it."""
+def save_checkpoint(ckpt, out_dir, is_best, keep_prev=True):
+    """Write ckpt.pt, keep the one it replaces as ckpt_prev.pt (unless keep_prev is False), and when
+    is_best make best.pt the same file. best.pt changes only here, so only a model the caller found
+    better replaces it. Disk: up to four checkpoints at once (ckpt.pt, ckpt_prev.pt, best.pt and
+    the one being written), three without ckpt_prev.pt."""
     os.makedirs(out_dir, exist_ok=True)
     path, prev, best = (os.path.join(out_dir, name)
                         for name in ('ckpt.pt', 'ckpt_prev.pt', 'best.pt'))
@@ -81,7 +83,7 @@ def save_checkpoint(ckpt, out_dir, is_best):
         if os.path.exists(stale):
             os.remove(stale)  # (so that writing never goes into a file that another name shares)
     _write_synced(ckpt, tmp)  # all the slow writing happens here, before any name moves
-    if os.path.exists(path):
+    if keep_prev and os.path.exists(path):
         # for a moment ckpt_prev.pt and ckpt.pt are the same file: both loadable
         _link_over(path, prev)
     os.replace(tmp, path)
@@ -96,7 +98,9 @@ def load_checkpoint(path, device='cpu'):
         raise UserError(f"no checkpoint at {path} "
                         "(train one first, or point --out_dir at the run's folder)")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        # mmap: tensors are read from the file as they are used, not all copied into memory first
+        # (under DDP every process loads the checkpoint; they then share the pages)
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except Exception as e:
         # the type's name too: an empty file's error has no message
         reason = f"{type(e).__name__}: {e}".split('\n')[0][:200]
@@ -108,15 +112,19 @@ def load_checkpoint(path, device='cpu'):
     return ckpt
 
 
-def model_from_checkpoint(ckpt, dropout=None):
-    """The GPT a checkpoint holds, on the CPU, in fp32; dropout may be overridden
-    (e.g. 0 to sample)."""
-    args = dict(ckpt['model_args'])
+def model_from_checkpoint(ckpt, dropout=None, vocab_size=None):
+    """The GPT a checkpoint holds, on the CPU, in fp32; dropout may be overridden (e.g. 0 to
+    sample). vocab_size: keep only the first vocab_size token embeddings and logits, cutting off a
+    padded vocabulary's unused rows (see padded_vocab_size)."""
+    args, state = dict(ckpt['model_args']), ckpt['model']
     if dropout is not None:
         args['dropout'] = dropout
-    model = GPT(GPTConfig(**args))
+    if vocab_size is not None and vocab_size < args['vocab_size']:
+        args['vocab_size'] = vocab_size
+        state = {k: v[:vocab_size] if k in ('transformer.wte.weight', 'lm_head.weight') else v
+                 for k, v in state.items()}
     try:
-        model.load_state_dict(ckpt['model'])
+        model = GPT.from_state_dict(GPTConfig(**args), state)
     except RuntimeError as e:
         raise UserError("checkpoint weights do not fit its model_args "
                         f"({' '.join(str(e).split())[:300]})") from None
@@ -164,8 +172,20 @@ def restore_training(ckpt, optimizer, scaler):
     """Put the optimizer, the gradient scaler and every random generator back
     as the checkpoint left them."""
     optimizer.load_state_dict(ckpt['optimizer'])
-    scaler.load_state_dict(ckpt['scaler'])
+    # a run without fp16 saved an empty scaler state; resumed in fp16 it starts a fresh scaler
+    if ckpt['scaler'] and scaler.is_enabled():
+        scaler.load_state_dict(ckpt['scaler'])
     set_rng_state(ckpt['rng'])
+
+
+def padded_vocab_size(vocab_size, multiple=64):
+    """The embedding rows of a model trained from scratch: a BPE vocabulary rounded up to a
+    multiple of 64 (GPT-2's 50,257 to 50,304), as matmuls whose sizes divide by 64 run faster on
+    GPUs (nanoGPT measured ~25%). The extra rows are never a target, so training pushes their
+    logits down, and load_model cuts them off. A character vocabulary (at most a few hundred
+    tokens) stays as it is: its head is a small part of the work, and padding would only change
+    its numbers."""
+    return vocab_size if vocab_size <= 1024 else -(-vocab_size // multiple) * multiple
 
 
 def init_model(cfg, vocab, vocab_size, verbose=True):
@@ -176,9 +196,11 @@ def init_model(cfg, vocab, vocab_size, verbose=True):
     embedding rows."""
     say = print if verbose else (lambda *a, **k: None)
     if cfg.init_from == 'scratch':
-        say(f"initialising a new model, vocab_size {vocab_size}")
+        padded = padded_vocab_size(vocab_size)
+        say(f"initialising a new model, vocab_size {vocab_size}"
+            + (f" padded to {padded}" if padded > vocab_size else ''))
         return GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS},
-                             vocab_size=vocab_size)), None
+                             vocab_size=padded)), None
     if cfg.init_from == 'resume':
         path = os.path.join(cfg.out_dir, 'ckpt.pt')
         ckpt = load_checkpoint(path)
@@ -229,5 +251,7 @@ def load_model(init_from='resume', out_dir='out', ckpt_name='best.pt'):
     (checkpoint None)."""
     if init_from == 'resume':
         ckpt = load_checkpoint(os.path.join(out_dir, ckpt_name))
-        return model_from_checkpoint(ckpt, dropout=0.0).eval(), Tokenizer(ckpt['vocab']), ckpt
+        tokenizer = Tokenizer(ckpt['vocab'])
+        return (model_from_checkpoint(ckpt, dropout=0.0, vocab_size=tokenizer.vocab_size).eval(),
+                tokenizer, ckpt)
     return from_pretrained(init_from, dropout=0.0).eval(), Tokenizer(GPT2_VOCAB), None

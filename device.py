@@ -9,6 +9,7 @@ Every script calls setup() once and reads what it needs from the result:
         logits, loss = model(x, y)
 """
 
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ def resolve_device(device):
         if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
             return 'mps'
         return 'cpu'
-    device_type = device.split(':')[0]
+    device_type, _, index = device.partition(':')
     if device_type not in ('cuda', 'mps', 'cpu'):
         raise UserError(f"unknown device '{device}' (use auto, cpu, cuda, cuda:N or mps)")
     if device_type == 'cuda' and not torch.cuda.is_available():
@@ -34,7 +35,18 @@ def resolve_device(device):
                         "(try --device=cpu)")
     if device_type == 'mps' and not torch.backends.mps.is_available():
         raise UserError(f"device '{device}' asked for, but mps is not available (try --device=cpu)")
+    n_gpus = torch.cuda.device_count() if device_type == 'cuda' else 0
+    if n_gpus and index and not (index.isdigit() and int(index) < n_gpus):
+        raise UserError(f"device '{device}': this machine has {n_gpus} GPU(s), "
+                        f"cuda:0 to cuda:{n_gpus - 1}")
     return device
+
+
+def cuda_has_bf16(device):
+    """Whether the GPU multiplies bf16 natively: Ampere (compute capability 8.0) or newer. Not
+    torch.cuda.is_bf16_supported(), which by default also counts the slow emulation of V100/T4, and
+    looks at the current GPU rather than the one asked for."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def resolve_dtype(dtype, device):
@@ -43,7 +55,7 @@ def resolve_dtype(dtype, device):
     device_type = device.split(':')[0]
     if dtype == 'auto':
         if device_type == 'cuda':
-            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+            return 'bfloat16' if cuda_has_bf16(device) else 'float16'
         return 'float32'
     if dtype not in ('float32', 'bfloat16', 'float16'):
         raise UserError(f"unknown dtype '{dtype}' (use auto, float32, bfloat16 or float16)")
@@ -79,7 +91,7 @@ def resolve_sample_dtype(dtype, device, batch_size=1):
         return resolve_dtype(dtype, device)
     device_type = device.split(':')[0]
     if device_type == 'cuda':
-        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float32'
+        return 'bfloat16' if cuda_has_bf16(device) else 'float32'
     if device_type == 'cpu' and (cpu_has_native_bf16() or batch_size <= 4 and
                                  torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512')):
         return 'bfloat16'
@@ -123,6 +135,8 @@ def setup(device='auto', dtype='auto', compile=False, sample_rows=None, threads=
     dtype = (resolve_dtype(dtype, device) if sample_rows is None
              else resolve_sample_dtype(dtype, device, sample_rows))
     if device.startswith('cuda'):
+        # make cuda:N the current GPU, so that nothing (a context, a kernel) lands on GPU 0
+        torch.cuda.set_device(device)
         # fp32 matmuls on tensor cores, 10-bit mantissa
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -131,26 +145,46 @@ def setup(device='auto', dtype='auto', compile=False, sample_rows=None, threads=
     return Device(device, dtype, resolve_compile(compile, device), autocast_context(device, dtype))
 
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets, to turn FLOP/s into MFU.
-GPU_PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10': 125e12,
-                  'RTX 4090': 165e12, 'RTX 3090': 71e12, 'V100': 125e12, 'T4': 65e12}
+# Dense tensor-core peaks in FLOP/s from NVIDIA's data sheets, to turn FLOP/s into MFU: (bf16/fp16,
+# tf32, fp32 without tensor cores). Matched to torch.cuda.get_device_name as whole words, most
+# specific first ('H100 PCIe' before 'H100', 'H200' before 'H20'; 'RTX A1000' is no 'A100').
+GPU_PEAK_FLOPS = [
+    ('B200', 2250e12, 1100e12, 80e12), ('H200', 989e12, 494e12, 67e12),
+    ('H100 PCIe', 756e12, 378e12, 51e12), ('H100 NVL', 835e12, 418e12, 60e12),
+    ('H100', 989e12, 494e12, 67e12), ('H20', 148e12, 74e12, 44e12),
+    ('A100', 312e12, 156e12, 19.5e12), ('A10', 125e12, 62.5e12, 31.2e12),
+    ('L40S', 362e12, 183e12, 91.6e12), ('L4', 121e12, 60e12, 30.3e12),
+    ('RTX 4090', 165e12, 82.6e12, 82.6e12), ('RTX 3090', 71e12, 35.6e12, 35.6e12),
+    ('V100', 125e12, None, 15.7e12), ('T4', 65e12, None, 8.1e12)]
+
+
+def gpu_peak_flops(name, dtype='bfloat16', tf32=True):
+    """The data-sheet peak of the GPU called `name` for matmuls in dtype (fp32 with TF32 or not),
+    or None for a GPU not in the table."""
+    for model, half, tf32_peak, fp32 in GPU_PEAK_FLOPS:
+        if re.search(rf'\b{model}\b', name):
+            if dtype != 'float32':
+                return half
+            return tf32_peak if tf32 and tf32_peak else fp32
+    return None
 
 
 def peak_flops(device, dtype='float32'):
-    """The FLOP/s that MFU is measured against: the data-sheet peak of a known GPU (A100 if
-    unknown), or on CPU and mps a quick measurement of this machine's own matmul throughput (the
-    best of five 1024 x 1024 products; docs/speed.md)."""
+    """The FLOP/s that MFU is measured against: on CUDA the data-sheet peak of the GPU for dtype
+    (None for an unknown GPU: MFU is then not shown); on CPU and mps a measurement of this machine's
+    own matmul throughput (the best of ten 1024 x 1024 products), for bench.py, which runs it on an
+    otherwise idle machine."""
     device_type = device.split(':')[0]
     if device_type == 'cuda':
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 312e12)
+        return gpu_peak_flops(torch.cuda.get_device_name(device), dtype,
+                              torch.backends.cuda.matmul.allow_tf32)
     n = 1024
     tdtype = getattr(torch, dtype)
     # not randn: that would move the global RNG
     a = torch.full((n, n), 0.5, device=device, dtype=tdtype)
     b = torch.full((n, n), 0.5, device=device, dtype=tdtype)
     best = float('inf')
-    for _ in range(5):
+    for _ in range(10):
         t0 = time.perf_counter()
         (a @ b).sum().item()  # .item() waits for the result
         best = min(best, time.perf_counter() - t0)

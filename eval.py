@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from checkpoint import load_model
 from configurator import cli
@@ -130,10 +129,7 @@ def split_loss(model, data, block_size, stride, batch_size, device='cpu', ctx=nu
         # out of place, as y may share memory with x
         y = y.masked_fill(torch.arange(block_size, device=device) < block_size - n_new[:, None], -1)
         with ctx:
-            # given targets, the model returns the logits of every position: (B, T, vocab)
-            logits, _ = model(x, y)
-        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
-                               reduction='none')
+            _, nats = model(x, y, reduction='none')  # (B*T,), in fp32 also under autocast
         # one sum per window, added up below in window order: the total doesn't depend on batch_size
         window_nats += nats.view(len(n_new), block_size).double().sum(1).tolist()
         bar.update(int(n_new.sum()))

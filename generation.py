@@ -4,8 +4,13 @@ loop that sample.py, eval.py and bench_sample.py call. model.GPT.generate is nan
 the reference this one is tested against.
 """
 
+from contextlib import nullcontext
+
 import torch
 from torch.nn import functional as F
+
+# devices whose prefills run under autocast (see generate_stream)
+HALF_PRECISION_PREFILL = {'cuda'}
 
 
 class KVCache:
@@ -13,14 +18,13 @@ class KVCache:
     The buffers are allocated once at full length, so a decode step writes its one new position in
     place instead of growing tensors (torch.cat would copy the whole cache at every token)."""
 
-    def __init__(self, model, batch_size):
+    def __init__(self, model, batch_size, dtype=None):
         cfg, w = model.config, model.lm_head.weight
-        # (B, nh, block_size, hs)
+        # (B, nh, block_size, hs); dtype: the weights' unless given (see generate_stream)
         shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
-        # in the weights' dtype, also under autocast: decode steps attend in it
-        # (see generate_stream)
-        self.k = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)]
-        self.v = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)]
+        dtype = dtype or w.dtype
+        self.k = [torch.empty(shape, dtype=dtype, device=w.device) for _ in range(cfg.n_layer)]
+        self.v = [torch.empty(shape, dtype=dtype, device=w.device) for _ in range(cfg.n_layer)]
         # positions filled: the next token fed goes to position pos (GPT.forward advances it)
         self.pos = 0
 
@@ -33,14 +37,29 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+def row_uniform(seeds, step):
+    """One number in [0, 1) per row, a function of (seeds[i], step) only: a counter-based random
+    stream per row (a 32-bit integer hash of seed and step, in a few vectorised int64 ops that never
+    overflow), so that many rows draw at the cost of one, and row i draws the same numbers whatever
+    the other rows are."""
+    def hash32(x):  # Mueller's avalanche hash; x < 2^32, so each product stays below 2^59
+        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+        return (x >> 16) ^ x
+    x = hash32((hash32(seeds & 0xFFFFFFFF) + step) & 0xFFFFFFFF)
+    return (x.double() + 0.5) / 2**32
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, seeds=None,
+                step=0):
     """One token per row from next-token logits (B, vocab_size) -> (B,).
     temperature: divides the logits; 0 picks the most likely token (greedy).
     top_k: sample only among the k most likely tokens.
     top_p: sample only among the fewest most likely tokens whose probabilities add up to top_p or
     more (nucleus sampling, Holtzman et al. 2019).
-    generator: a torch.Generator, or a list of one per row: row i then draws its random numbers from
-    generator[i] exactly as it would alone, so it samples what it would sample alone."""
+    generator: a torch.Generator the whole batch draws from; or seeds, a (B,) int64 tensor: row i
+    then draws the uniform number row_uniform(seeds[i], step) and takes the token where it falls in
+    the row's cumulative distribution, so it samples what it would sample alone."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -51,27 +70,25 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # drop a token when the more likely ones before it already hold top_p
-        # (the first is always kept)
+        # (the first is always kept); both samplers below renormalise
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        # multinomial renormalises
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != probs.size(0):
-            raise ValueError(f"{len(generator)} generators for {probs.size(0)} rows: "
-                             "give one per row")
-        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0]
-                          for p, g in zip(probs, generator)])
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if seeds is None:
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    cdf = probs.double().cumsum(dim=-1)  # (B, V); fp64, so the last entries stay distinct
+    u = row_uniform(seeds, step)[:, None] * cdf[:, -1:]  # in [0, total): never past the last token
+    # the first token whose cumulative probability exceeds u: one with probability > 0
+    return torch.searchsorted(cdf, u, right=True)[:, 0]
 
 
 @torch.no_grad()
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop=None,
-                    use_cache=True, keep=None, generator=None):
+                    use_cache=True, keep=None, generator=None, seeds=None):
     """Yield the next token of every row of the prompt idx (B, T), a (B,) tensor per step, for up to
     max_new_tokens steps. Call model.eval() first. Rows are sampled together as one batch.
 
-    temperature, top_k, top_p, generator: as in sample_next (a list of generators, one per row,
-    makes each row what sampling it alone with its generator gives).
+    temperature, top_k, top_p, generator, seeds: as in sample_next (with seeds, a row samples what
+    it would sample alone: token n of row i draws row_uniform(seeds[i], n)).
     stop: a token id or a list of ids. A row that samples one has ended: it repeats that token from
     then on, and the stream ends once every row has ended.
     use_cache=False: the classic loop, which re-runs the model over the last block_size tokens at
@@ -88,11 +105,12 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     cached key was computed from a context reaching back before the window, so the logits would
     differ from a forward pass over the window; the refill keeps every step exact.
 
-    Dtypes, under autocast: prefills and refills run in the weights' dtype (autocast off), as they
-    multiply matrices, where bf16 only pays on hardware with bf16 units; decode steps multiply
-    vectors, bound by reading the weights, whose bytes bf16 halves everywhere, so their linears run
-    in autocast's dtype; attention runs in the cache's dtype (the weights'), as a decode step's
-    attention is a few small ops.
+    Dtypes, under autocast: decode steps multiply vectors, bound by reading the weights, whose
+    bytes bf16 halves everywhere, so their linears run in autocast's dtype. On a GPU (tensor cores)
+    prefills run under autocast too, and the cache is in autocast's dtype: a decode step then also
+    reads half the bytes of keys and values. Elsewhere prefills and refills multiply matrices in
+    the weights' dtype (autocast off: bf16 matrix products are slow without bf16 units), and the
+    cache is in the weights' dtype, as a decode step's attention there is a few small ops.
     """
     B, T = idx.size()
     block_size = model.config.block_size
@@ -105,19 +123,24 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     # prompt + new tokens
     seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
     seq[:, :T] = idx
-    cache = KVCache(model, B) if use_cache else None
+    device_type = idx.device.type
+    half = device_type in HALF_PRECISION_PREFILL and torch.is_autocast_enabled(device_type)
+    prefill = nullcontext() if half else torch.autocast(device_type, enabled=False)
+    cache_dtype = torch.get_autocast_dtype(device_type) if half else None  # None: the weights'
+    cache = KVCache(model, B, cache_dtype) if use_cache else None
     for n in range(T, T + max_new_tokens):  # n tokens so far; sample the one at index n
         if cache is None:
             logits, _ = model(seq[:, max(0, n - block_size):n])
         elif cache.pos in (0, block_size):  # prefill the prompt, or refill a full cache
             context = block_size if cache.pos == 0 else keep
             cache.pos = 0
-            with torch.autocast(idx.device.type, enabled=False):
+            with prefill:
                 logits, _ = model(seq[:, max(0, n - context):n], cache=cache)
         else:
             # only the newest token is new to the cache
             logits, _ = model(seq[:, n - 1:n], cache=cache)
-        idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+        idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator, seeds,
+                               step=n)  # (B,)
         if stop is not None:
             # an ended row repeats its stop token
             idx_next = torch.where(ended, seq[:, n - 1], idx_next)

@@ -48,20 +48,15 @@ def from_pretrained(name_or_path, dropout=None):
                         f"n_inner {c.n_inner}, tied head {c.tie_word_embeddings})")
     config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
                        n_head=c.n_head, n_embd=c.n_embd, bias=True, dropout=dropout or 0.0)
-    model = GPT(config)
-    sd = model.state_dict()
+    with torch.device('meta'):  # shapes only: no memory, no random init of weights to be replaced
+        sd = GPT(config).state_dict()
     # older transformers also keep each layer's causal mask as buffers: not weights
-    sd_hf = {k: v for k, v in hf.state_dict().items()
+    sd_hf = {k: v.t() if k.endswith(HF_TRANSPOSED) else v for k, v in hf.state_dict().items()
              if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
-    if sd.keys() != sd_hf.keys():
+    if sd.keys() != sd_hf.keys() or any(v.shape != sd[k].shape for k, v in sd_hf.items()):
         raise UserError(f"{name_or_path}: weights {sorted(sd_hf.keys() ^ sd.keys())[:4]} "
                         "do not fit GPT-2")
-    with torch.no_grad():
-        for k, v in sd_hf.items():
-            v = v.t() if k.endswith(HF_TRANSPOSED) else v
-            assert v.shape == sd[k].shape, (k, v.shape, sd[k].shape)  # copy_ would broadcast
-            sd[k].copy_(v)
-    return model
+    return GPT.from_state_dict(config, {k: v.contiguous() for k, v in sd_hf.items()})
 
 
 def export_hf(model, folder, eos_token_id=None):

@@ -47,9 +47,11 @@ def norm(config, ndim):
 def rotary_tables(block_size, head_size, base=10000.0):
     """cos and sin (block_size, head_size // 2) of RoFormer's angles: position t turns the i-th pair
     of channels by t * base^(-2i / head_size)."""
-    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
-    # (block_size, hs/2)
-    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    # on the CPU even while a model is built on the meta device: these buffers are not loaded
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32, device='cpu')
+                        / head_size)  # (hs/2,)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32, device='cpu'),
+                         inv_freq)  # (block_size, hs/2)
     return angles.cos(), angles.sin()
 
 
@@ -200,6 +202,17 @@ class GPT(nn.Module):
             if pn.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    @classmethod
+    def from_state_dict(cls, config, state_dict):
+        """The GPT of config holding state_dict's tensors as its own, without copying them and
+        without the random init they would replace (the model is built on the meta device first)."""
+        with torch.device('meta'):
+            model = cls(config)
+        model.load_state_dict(state_dict, assign=True)
+        if config.tie_weights:  # assign=True made the tied matrix two Parameters: tie them again
+            model.transformer.wte.weight = model.lm_head.weight
+        return model
+
     def _init_weights(self, module):
         # GPT-2: N(0, 0.02) for every matrix and embedding, zero biases
         if isinstance(module, nn.Linear):
@@ -217,7 +230,7 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, reduction='mean'):
         """Logits (and the loss, given targets) of the tokens idx (B, T). With a KVCache, idx
         continues the tokens it holds: T of them into an empty cache (a prefill), or one after them
         (a decode step)."""
@@ -244,9 +257,10 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab_size)
-            # mean cross-entropy over all positions; target -1 marks a position to ignore
+            # cross-entropy of every position, averaged ('mean') or not ('none': (B*T,), for
+            # eval.py); target -1 marks a position to ignore (loss 0 with 'none')
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
-                                   ignore_index=-1)
+                                   ignore_index=-1, reduction=reduction)
         else:
             # generation only needs the next token:
             # skip the head's matmul for all but the last position
@@ -268,9 +282,14 @@ class GPT(nn.Module):
 
     def flops_per_token(self):
         """Training FLOPs per token: 6N for the matmuls of forward + backward (Kaplan et al. 2020,
-        appendix B), plus 12 * n_layer * n_embd * T for attention's scores and weighted sum."""
+        appendix B), plus 12 * n_layer * n_embd * T for attention's scores and weighted sum. N
+        counts the matrices a token is multiplied by: not the position embedding, nor an untied
+        token embedding (lookups); the head, which a tied embedding is, is a matmul."""
         cfg = self.config
-        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        n = self.get_num_params()
+        if not cfg.tie_weights:
+            n -= self.transformer.wte.weight.numel()
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

@@ -10,7 +10,7 @@ OpenAI's GPT-2 itself.
         --device=cpu
 
 One sample is printed as it is generated; several are generated together as one batch and printed at
-the end. Sample i is drawn from its own random generator, seeded with seed + i, so it is the same
+the end. Sample i draws from its own random stream, seeded with seed + i, so it is the same
 text whatever num_samples is. The last line gives the speed in tokens/s.
 """
 
@@ -45,7 +45,7 @@ class SampleConfig:
     # (measured in docs/sampling.md)
     use_cache: bool = True
     keep: int | None = None  # tokens of context kept when the cache fills up; None: block_size // 2
-    seed: int = 1337  # sample i draws from a generator seeded with seed + i
+    seed: int = 1337  # sample i draws from a random stream seeded with seed + i
     device: str = 'auto'
     # 'auto': bf16 where decoding is faster in it (device.resolve_sample_dtype), else float32
     dtype: str = 'auto'
@@ -91,26 +91,29 @@ def main(cfg):
     B = cfg.num_samples
     # (B, T): one row per sample
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...].repeat(B, 1)
-    generators = [torch.Generator(device).manual_seed(cfg.seed + i) for i in range(B)]
+    seeds = torch.arange(cfg.seed, cfg.seed + B, device=device)  # one random stream per sample
 
     streaming = B == 1
-    new = [[] for _ in range(B)]  # the token ids sampled so far, per sample
+    new = [[] for _ in range(B)]  # the token ids sampled so far, per sample, once read
+    pending = []  # steps not read yet: reading waits for the device, so only for text shown
     printed = 0  # characters of the streamed sample already on the terminal
     if streaming:
         print(start, end='', flush=True)
     t0 = time.perf_counter()
     # bf16 by autocast rather than model.to(torch.bfloat16): the prefills run on the fp32 weights
-    # (generate_stream turns autocast off for them), autocast casts each weight to bf16 once for
-    # the whole `with` block, not at every token, and LayerNorm, softmax and the residual stream
-    # stay in fp32.
+    # off GPUs (generate_stream turns autocast off for them), autocast casts each weight to bf16
+    # once for the whole `with` block, not at every token, and LayerNorm, softmax and the residual
+    # stream stay in fp32.
     with torch.no_grad(), dev.autocast:
         for step in generate_stream(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                     cfg.top_p, use_cache=cfg.use_cache, keep=cfg.keep,
-                                    generator=generators):
-            for row, token in zip(new, step.tolist()):
-                row.append(token)
+                                    seeds=seeds):
+            pending.append(step)
             if not (streaming or cfg.stop):
                 continue
+            for row, tokens in zip(new, torch.stack(pending, dim=1).tolist()):
+                row += tokens
+            pending = []
             # decode the whole sample so far:
             # a BPE token may hold only part of a multi-byte character
             texts = [cut_at_stop(tokenizer.decode(row), cfg.stop) for row in new]
@@ -121,6 +124,9 @@ def main(cfg):
                 printed = len(shown)
             if cfg.stop and all(cfg.stop in text for text in texts):
                 break
+    if pending:
+        for row, tokens in zip(new, torch.stack(pending, dim=1).tolist()):
+            row += tokens
     dt = time.perf_counter() - t0
     n_tokens = B * len(new[0])
 

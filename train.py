@@ -22,6 +22,7 @@ them it did. A second signal acts as usual (quits at once). A loss that is not f
 stops the run at once, without saving, with status 2: the last checkpoint is the last good model.
 """
 
+import datetime
 import json
 import math
 import os
@@ -55,6 +56,8 @@ class TrainConfig:
     # also evaluate the untrained model at step 0 (False saves that time in a race)
     eval_at_start: bool = True
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
+    # keep the checkpoint before the latest as ckpt_prev.pt (False: one checkpoint less on disk)
+    keep_prev_checkpoint: bool = True
     # 'scratch', 'resume' (from out_dir/ckpt.pt), or OpenAI's GPT-2 to finetune: 'gpt2',
     # 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face GPT-2 folder (its shape wins
     # over n_layer, n_head, n_embd, bias; block_size crops its 1024 positions)
@@ -107,6 +110,9 @@ class TrainConfig:
     # bf16 on CUDA with bf16, else fp16 on CUDA, else fp32
     dtype: str = 'auto'
     compile: bool | str = 'auto'  # torch.compile the model: 'auto' = on CUDA only
+    # the device's peak FLOP/s that MFU is measured against; 0: the data sheet's on a known GPU,
+    # none elsewhere (a CPU's: measure it with bench.py)
+    peak_flops: float = 0.0
 
 
 def get_lr(it, cfg):
@@ -221,16 +227,17 @@ def stop_signals():
             signal.signal(s, h)
 
 
-def step_verdict(loss_sum, signum, world_size):
-    """(finite, signum) after a step, the same on every process: whether the loss was finite on all
-    of them, and the stop signal any of them received (0: none). One device-to-host sync per step;
-    under DDP also an all-reduce of two numbers, so that all processes stop at the same step."""
-    flags = torch.stack([loss_sum.isfinite().logical_not().float(),
-                         torch.tensor(float(signum), device=loss_sum.device)])
+def step_verdict(bad_iter, signum, world_size):
+    """(bad_iter, signum), the same on every process: the first step whose loss was not finite on
+    some process (-1: none), and the stop signal any of them received (0: none). A device-to-host
+    sync, and under DDP an all-reduce of two numbers, so that all processes stop at the same step:
+    the loop asks only at log steps, before evaluations and when a signal came (nanoGPT syncs only
+    on log steps too), so that a GPU never waits for the host in between."""
+    flags = torch.stack([bad_iter.float(), torch.tensor(float(signum), device=bad_iter.device)])
     if world_size > 1:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    not_finite, signum = flags.tolist()
-    return not not_finite, int(signum)
+    bad_iter, signum = flags.tolist()
+    return int(bad_iter), int(signum)
 
 
 def check_config(cfg):
@@ -241,7 +248,7 @@ def check_config(cfg):
     if cfg.max_iters <= 0 and not cfg.eval_only:
         raise UserError(f"max_iters must be positive, got {cfg.max_iters} "
                         "(to evaluate only, use --eval_only=True)")
-    for key in ('warmup_iters', 'lr_decay_iters', 'grad_clip'):
+    for key in ('warmup_iters', 'lr_decay_iters', 'grad_clip', 'peak_flops'):
         if getattr(cfg, key) < 0:
             raise UserError(f"{key} must be zero or more, got {getattr(cfg, key)}")
     if cfg.n_embd % cfg.n_head:
@@ -273,7 +280,9 @@ def main(cfg):
     if ddp:
         backend = (cfg.backend if cfg.backend != 'auto'
                    else ('nccl' if dev.type == 'cuda' else 'gloo'))
-        torch.distributed.init_process_group(backend=backend)
+        # a timeout past the default 10 minutes: the other processes wait at their next collective
+        # while rank 0 writes a checkpoint, which for gpt2-xl with AdamW state is ~19 GB
+        torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(hours=1))
     try:
         if cfg.gradient_accumulation_steps % world_size:
             raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) "
@@ -317,22 +326,29 @@ def train(cfg, dev, rank, world_size, received):
             print("compiling the model... (takes a minute)")
         model = torch.compile(model)
     if world_size > 1:
+        # broadcast_buffers=False: the only buffers (rotary tables) are the same on every process
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[int(dev.device.split(':')[1])] if dev.type == 'cuda' else None)
+            model, device_ids=[int(dev.device.split(':')[1])] if dev.type == 'cuda' else None,
+            broadcast_buffers=False)
     metrics = MetricsLog(cfg, iter_num, tokens_per_iter) if master and not cfg.eval_only else None
 
     def checkpoint(is_best):
         save_checkpoint(build_checkpoint(raw_model, optimizer, scaler, cfg, iter_num,
                                          best_val_loss, vocab),
-                        cfg.out_dir, is_best)
+                        cfg.out_dir, is_best, cfg.keep_prev_checkpoint)
 
     batches = train_batches(splits['train'], cfg, iter_num, rank, world_size, dev.device)
     local_accum = cfg.gradient_accumulation_steps // world_size
-    peak = peak_flops(dev.device, dev.dtype) if master else 0.0
+    # MFU counts one process's tokens against one GPU's data-sheet peak (none off CUDA: a CPU's peak
+    # measured in passing would be a guess; bench.py measures it on an idle machine)
+    peak = cfg.peak_flops or (peak_flops(dev.device, dev.dtype) if dev.type == 'cuda' else None)
+    flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / world_size
     start_iter = iter_num
-    t_log, iters_logged, mfu, dt_avg = time.perf_counter(), 0, -1.0, None
+    t_log, window_start, mfu, dt_avg = time.perf_counter(), iter_num, None, None
     losses = {}  # of the last evaluation
     stop_signal = 0  # a SIGINT/SIGTERM that some process received by the end of the last step
+    # the first step whose loss was not finite, kept on the device so that no step waits to read it
+    bad_iter = torch.tensor(-1, device=dev.device)
     while True:
         # Evaluate (and save) every eval_interval steps and always after the last step. A resumed
         # run skips its first evaluation: the checkpoint it came from was just evaluated.
@@ -358,7 +374,8 @@ def train(cfg, dev, rank, world_size, received):
                     checkpoint(is_best)
                     print(f"saved checkpoint to {cfg.out_dir}" + (" (new best)" if is_best else ""))
                 saved = True
-            t_log = time.perf_counter()  # evaluation time doesn't count as training time
+            # evaluation time doesn't count as training time
+            t_log, window_start = time.perf_counter(), iter_num
         if last or cfg.eval_only:
             break
         # a graceful stop: ckpt.pt gets this step (best.pt moves only at evaluations)
@@ -377,38 +394,42 @@ def train(cfg, dev, rank, world_size, received):
         loss_sum = train_step(model, optimizer, scaler, dev.autocast, batches, local_accum,
                               cfg.grad_clip, ddp=world_size > 1)
         iter_num += 1
-        iters_logged += 1
-        # Before this step's weights can reach a checkpoint:
-        # was its loss finite, was a stop asked for?
-        finite, stop_signal = step_verdict(loss_sum, received['signal'], world_size)
-        if not finite:
-            # Stop, not skip: a non-finite loss means the learning rate, the data or the precision
-            # is wrong, and the weights and AdamW's moments have already taken the nan/inf in.
-            raise UserError(f"the loss is not finite at iter {iter_num} (lr {lr:.2e}): the run "
-                            "diverged and stopped without saving, so "
-                            f"{os.path.join(cfg.out_dir, 'ckpt.pt')} (if any) is the last good "
-                            "state: lower --learning_rate, then resume or restart")
+        bad_iter = torch.where((bad_iter < 0) & ~loss_sum.isfinite(), iter_num, bad_iter)
+        # Before this step's weights can reach a checkpoint or a log line: was every loss so far
+        # finite, was a stop asked for? (Alone, a signal is seen at once; under DDP at a log step.)
+        log_step = iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters
+        eval_next = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
+        if log_step or eval_next or (world_size == 1 and received['signal']):
+            first_bad, stop_signal = step_verdict(bad_iter, received['signal'], world_size)
+            if first_bad >= 0:
+                # Stop, not skip: a non-finite loss means the learning rate, the data or the
+                # precision is wrong, and the weights and AdamW's moments have taken the nan/inf in.
+                raise UserError(f"the loss is not finite at iter {first_bad} (lr {lr:.2e}): the "
+                                "run diverged and stopped without saving, so "
+                                f"{os.path.join(cfg.out_dir, 'ckpt.pt')} (if any) is the last good "
+                                "state: lower --learning_rate, then resume or restart")
 
-        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+        if log_step:
             if world_size > 1:
                 torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
             lossf = loss_sum.item()  # .item() waits for the device, so the clock below is honest
-            dt = (time.perf_counter() - t_log) / iters_logged
-            t_log, iters_logged = time.perf_counter(), 0
+            dt = (time.perf_counter() - t_log) / (iter_num - window_start)
+            # The run's first step (compilation, allocator, caches) is left out of the averages
+            warm = window_start > start_iter
+            t_log, window_start = time.perf_counter(), iter_num
             if master:
-                # leave warm-up (and compilation) steps out of the MFU
-                if iter_num - start_iter > 5:
-                    step_mfu = raw_model.flops_per_token() * tokens_per_iter / dt / peak
-                    mfu = step_mfu if mfu < 0 else 0.9 * mfu + 0.1 * step_mfu
-                dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
-                eta = (cfg.max_iters - iter_num) * dt_avg  # evaluations not counted
+                if warm:
+                    mfu = flops_per_iter / dt / peak if peak else None
+                    dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
+                eta = format_duration((cfg.max_iters - iter_num) * dt_avg) if dt_avg else '-'
                 # flush: shows in `| tee` too
                 print(f"iter {iter_num}/{cfg.max_iters} "
                       f"({100 * iter_num / max(cfg.max_iters, 1):.0f}%): loss {lossf:.4f}, "
                       f"lr {lr:.2e}, {dt * 1000:.1f} ms, {tokens_per_iter / dt:,.0f} tok/s, "
-                      f"mfu {max(mfu, 0) * 100:.1f}%, eta {format_duration(eta)}", flush=True)
+                      + (f"mfu {100 * mfu:.1f}%, " if mfu is not None else '')
+                      + f"eta {eta}", flush=True)
                 metrics.log(iter_num, train_loss=lossf, lr=lr, ms_per_iter=round(dt * 1000, 3),
-                            mfu=round(max(mfu, 0), 5))
+                            **({'mfu': round(mfu, 5)} if mfu is not None else {}))
     if metrics:
         metrics.close()
     return {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'losses': losses,

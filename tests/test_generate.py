@@ -71,13 +71,11 @@ def test_a_batch_samples_each_row_as_it_would_be_sampled_alone():
     idx = torch.randint(0, 65, (3, 4), generator=gen(1))
     kw = dict(temperature=1.0, top_k=20, top_p=0.9)
     # past block_size: refills too
-    batch = generate(model, idx, 40, generator=[gen(10), gen(11), gen(12)], **kw)
+    batch = generate(model, idx, 40, seeds=torch.tensor([10, 11, 12]), **kw)
     for i in range(3):
-        alone = generate(model, idx[i:i + 1], 40, generator=gen(10 + i), **kw)
+        alone = generate(model, idx[i:i + 1], 40, seeds=torch.tensor([10 + i]), **kw)
         assert torch.equal(batch[i:i + 1], alone)
     assert not torch.equal(batch[0, 4:], batch[1, 4:])  # the rows did draw different numbers
-    with pytest.raises(ValueError, match='one per row'):
-        generate(model, idx, 2, generator=[gen(10)])
 
 
 def test_greedy_picks_the_most_likely_token():
@@ -89,6 +87,19 @@ def draws(probs, n=4000, **kw):
     """n tokens drawn from the distribution probs, as sample_next would for n identical rows."""
     logits = torch.tensor(probs).log().expand(n, -1)
     return sample_next(logits, generator=gen(0), **kw)
+
+
+@pytest.mark.parametrize('step', [0, 7])
+def test_per_row_streams_sample_the_distribution(step):
+    # n rows with seeds 0..n-1 at one step draw n independent numbers: the frequencies follow
+    # the probabilities, and a token of probability 0 (top_k's cut) is never drawn
+    probs = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04])
+    logits = probs.log().expand(20000, -1)
+    tokens = sample_next(logits, seeds=torch.arange(20000), step=step)
+    freq = torch.bincount(tokens, minlength=5) / 20000
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+    top2 = sample_next(logits, top_k=2, seeds=torch.arange(20000), step=step)
+    assert set(top2.tolist()) == {0, 1}
 
 
 def test_top_k_and_top_p_keep_only_the_allowed_tokens():

@@ -99,11 +99,11 @@ def test_streamed_bpe_text_waits_for_whole_characters(tmp_path, capsys, gpt2_bpe
     torch.save({'format_version': FORMAT_VERSION, 'model': model.state_dict(), 'model_args': args,
                 'vocab': gpt2_bpe.spec}, tmp_path / 'best.pt')
     cfg = SampleConfig(out_dir=str(tmp_path), start='Hello', num_samples=1, max_new_tokens=60,
-                       temperature=1.0, top_k=None, device='cpu', seed=5)
+                       temperature=1.0, top_k=None, device='cpu', seed=0)
     # the same draw as sample.py's: some prefix of it ends inside a character (else this test tests
     # nothing)
     ids = generate(model, torch.tensor([gpt2_bpe.encode('Hello')]), 60, temperature=1.0,
-                   generator=[torch.Generator().manual_seed(5)])
+                   seeds=torch.tensor([0]))
     assert any(gpt2_bpe.decode(ids[0, :n].tolist()).endswith('\ufffd') for n in range(2, 62))
     s = sample(cfg)[0]
     out = capsys.readouterr().out
@@ -130,7 +130,9 @@ def test_sample_i_of_a_batch_is_the_single_sample_of_seed_plus_i(trained):
 
 def test_with_and_without_the_cache_the_same_text_within_block_size(trained):
     out_dir, _ = trained  # block_size 32: a 6-character prompt and 26 new ones
-    kw = dict(out_dir=out_dir, start='ROMEO:', num_samples=2, max_new_tokens=26, device='cpu')
+    # in fp32, where the two paths compute the same logits (bf16 rounds them differently)
+    kw = dict(out_dir=out_dir, start='ROMEO:', num_samples=2, max_new_tokens=26, device='cpu',
+              dtype='float32')
     assert sample(SampleConfig(**kw)) == sample(SampleConfig(**kw, use_cache=False))
 
 
