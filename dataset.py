@@ -76,11 +76,17 @@ def get_batch(data, block_size, batch_size, seed, rows=None, device='cpu'):
 def train_batches(data, cfg, start_step=0, rank=0, world_size=1, device='cpu'):
     """This process's micro-batches, in order, from step start_step on. A step's global batch is
     gradient_accumulation_steps x batch_size windows; process `rank` takes its consecutive share of
-    micro-batches, so that 2 processes x 2 micro-steps see what 1 process x 4 micro-steps sees."""
+    micro-batches, so that 2 processes x 2 micro-steps see what 1 process x 4 micro-steps sees.
+    A memmap is opened anew for each batch: one kept open keeps every page it has read mapped, so
+    over a long run the process's resident memory grows to the size of train.bin (measured in
+    docs/speed.md), while opening one costs a fraction of a millisecond."""
     local_accum = cfg.gradient_accumulation_steps // world_size
     global_rows = cfg.gradient_accumulation_steps * cfg.batch_size
+    path = getattr(data, 'filename', None)  # None for an array in memory (bench.py's tokens)
     for step in itertools.count(start_step):
         for micro in range(local_accum):
+            if path:
+                data = np.memmap(path, dtype=np.uint16, mode='r')
             first = (rank * local_accum + micro) * cfg.batch_size
             yield get_batch(data, cfg.block_size, global_rows, batch_seed(cfg.seed, 'train', step),
                             rows=slice(first, first + cfg.batch_size), device=device)
