@@ -24,7 +24,6 @@ def rss_mb():
 
 
 def draw(path, batches, reopen, batch_size=12, block_size=1024):
-    import torch
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from dataset import get_batch
     data = np.memmap(path, dtype=np.uint16, mode='r')
@@ -35,7 +34,6 @@ def draw(path, batches, reopen, batch_size=12, block_size=1024):
             data = np.memmap(path, dtype=np.uint16, mode='r')
         get_batch(data, block_size, batch_size, seed=i)
     dt = time.perf_counter() - t0
-    torch.set_num_threads(1)
     print(f"{'opened per batch' if reopen else 'kept open'}: {batches} batches of {batch_size} x "
           f"{block_size + 1} tokens, {1e6 * dt / batches:.0f} us per batch, resident memory "
           f"{start:.0f} -> {rss_mb():.0f} MB")
