@@ -19,14 +19,17 @@ unfinished save: nothing reads it, and the next save removes it. Hard links mean
 three names hold at most three distinct files (plus the one being written).
 """
 
+import json
 import os
 import random
 import shutil
+import zipfile
 from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 
+from device import check_memory
 from errors import UserError
 from hf import from_pretrained
 from model import GPT, MODERN_SWITCHES, GPTConfig
@@ -82,7 +85,14 @@ def save_checkpoint(ckpt, out_dir, is_best, keep_prev=True):
     for stale in (tmp, prev + '.tmp', best + '.tmp'):  # what a crash in an earlier save left behind
         if os.path.exists(stale):
             os.remove(stale)  # (so that writing never goes into a file that another name shares)
-    _write_synced(ckpt, tmp)  # all the slow writing happens here, before any name moves
+    try:
+        _write_synced(ckpt, tmp)  # all the slow writing happens here, before any name moves
+    except (OSError, RuntimeError) as e:  # a full disk: torch raises RuntimeError from its writer
+        if os.path.exists(tmp):
+            os.remove(tmp)  # give the space back; the checkpoints in out_dir are untouched
+        reason = str(e).split('\n')[0][:200]
+        raise UserError(f"could not write a checkpoint to {out_dir} ({reason}): free some disk "
+                        "space, then resume; the checkpoints there are as they were") from None
     if keep_prev and os.path.exists(path):
         # for a moment ckpt_prev.pt and ckpt.pt are the same file: both loadable
         _link_over(path, prev)
@@ -98,6 +108,12 @@ def load_checkpoint(path, device='cpu'):
         raise UserError(f"no checkpoint at {path} "
                         "(train one first, or point --out_dir at the run's folder)")
     try:
+        # torch.save writes a zip whose members carry CRC-32s, which reading with mmap would not
+        # check: a flipped bit in the weights is caught here, at the cost of one read of the file
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+        if bad:
+            raise ValueError(f"member {bad} fails its CRC-32 check")
         # mmap: tensors are read from the file as they are used, not all copied into memory first
         # (under DDP every process loads the checkpoint; they then share the pages)
         ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
@@ -110,6 +126,41 @@ def load_checkpoint(path, device='cpu'):
     if not isinstance(ckpt, dict) or ckpt.get('format_version') != FORMAT_VERSION:
         raise UserError(f"{path} is not a nanogpt checkpoint of format version {FORMAT_VERSION}")
     return ckpt
+
+
+def check_schema(ckpt, path):
+    """What a model is built from must be what GPTConfig and the weights say, before anything is
+    allocated: model_args' names and types, the embedding's shape, the layer count, and a
+    vocabulary that covers the model's (padded) rows."""
+    def bad(why):
+        return UserError(f"{path} is malformed ({why}): use another checkpoint, e.g. ckpt_prev.pt "
+                         "or best.pt beside it")
+    missing = {'model', 'model_args', 'vocab'} - ckpt.keys()
+    if missing:
+        raise bad(f"no {', '.join(sorted(missing))}")
+    args, state = ckpt['model_args'], ckpt['model']
+    types = {f.name: f.type for f in fields(GPTConfig)}
+    if not isinstance(args, dict) or not isinstance(state, dict) or args.keys() - types.keys():
+        raise bad(f"model_args {args!r}"[:200])
+    for k, v in args.items():
+        if not isinstance(v, (int, float) if types[k] is float else types[k]) or \
+                (types[k] is int and (isinstance(v, bool) or v <= 0)):
+            raise bad(f"model_args {k}={v!r}")
+    wte = state.get('transformer.wte.weight')
+    shape = (args.get('vocab_size'), args.get('n_embd'))
+    if wte is None or tuple(wte.shape) != shape:
+        raise bad(f"token embedding {None if wte is None else tuple(wte.shape)}, "
+                  f"model_args {shape}")
+    n_layer = args.get('n_layer')
+    if not any(k.startswith(f'transformer.h.{n_layer - 1}.') for k in state) or \
+            any(k.startswith(f'transformer.h.{n_layer}.') for k in state):
+        raise bad(f"n_layer={n_layer} does not match the weights")
+    try:
+        n_vocab = Tokenizer(ckpt['vocab']).vocab_size
+    except (KeyError, TypeError, AttributeError) as e:
+        raise bad(f"vocabulary spec {type(e).__name__}: {e}") from None
+    if shape[0] not in (n_vocab, padded_vocab_size(n_vocab)):
+        raise bad(f"its vocabulary has {n_vocab} tokens, its embedding {shape[0]} rows")
 
 
 def model_from_checkpoint(ckpt, dropout=None, vocab_size=None):
@@ -158,14 +209,15 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def build_checkpoint(model, optimizer, scaler, cfg, iter_num, best_val_loss, vocab):
-    """The checkpoint dict of a run after iter_num steps;
-    model is the raw (uncompiled, unwrapped) GPT."""
+def build_checkpoint(model, optimizer, scaler, cfg, iter_num, best_val_loss, vocab,
+                     data_sha256=None):
+    """The checkpoint dict of a run after iter_num steps; model is the raw (uncompiled, unwrapped)
+    GPT; data_sha256 identifies the val.bin its val losses were measured on."""
     return {'format_version': FORMAT_VERSION, 'model': model.state_dict(),
             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'model_args': recorded_model_args(model.config), 'config': asdict(cfg),
             'iter_num': iter_num, 'best_val_loss': best_val_loss, 'vocab': vocab,
-            'rng': rng_state()}
+            'rng': rng_state(), 'data_sha256': data_sha256}
 
 
 def restore_training(ckpt, optimizer, scaler):
@@ -188,22 +240,30 @@ def padded_vocab_size(vocab_size, multiple=64):
     return vocab_size if vocab_size <= 1024 else -(-vocab_size // multiple) * multiple
 
 
-def init_model(cfg, vocab, vocab_size, verbose=True):
+def init_model(cfg, vocab, vocab_size, verbose=True, data_sha256=None, device='cpu'):
     """The model a training run starts from, on the CPU, and the checkpoint it resumes (else None):
     cfg.init_from='scratch' (a new GPT of cfg's shape), 'resume' (out_dir/ckpt.pt, checked against
     cfg), or a GPT-2 (OpenAI's name or a Hugging Face folder, its context cropped to
     cfg.block_size). vocab is the dataset's spec (None for random tokens); vocab_size the model's
-    embedding rows."""
+    embedding rows; data_sha256 the dataset's val.bin hash, which a resumed run's must match."""
     say = print if verbose else (lambda *a, **k: None)
     if cfg.init_from == 'scratch':
         padded = padded_vocab_size(vocab_size)
         say(f"initialising a new model, vocab_size {vocab_size}"
             + (f" padded to {padded}" if padded > vocab_size else ''))
-        return GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS},
-                             vocab_size=padded)), None
+        config = GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}, vocab_size=padded)
+        with torch.device('meta'):  # count the parameters before allocating them
+            n_params = GPT(config).get_num_params(non_embedding=False)
+        check_memory(n_params, device)  # where it will train
+        return GPT(config), None
     if cfg.init_from == 'resume':
         path = os.path.join(cfg.out_dir, 'ckpt.pt')
         ckpt = load_checkpoint(path)
+        check_schema(ckpt, path)
+        missing = {'optimizer', 'scaler', 'config', 'iter_num', 'best_val_loss', 'rng'} - set(ckpt)
+        if missing:
+            raise UserError(f"{path} cannot be resumed: it has no {', '.join(sorted(missing))} "
+                            "(a checkpoint for sampling only?)")
         if ckpt['vocab'] != vocab:
             raise UserError(f"{path} was trained with another vocabulary than dataset "
                             f"'{cfg.dataset}': resume with --dataset={ckpt['config']['dataset']!r} "
@@ -223,6 +283,16 @@ def init_model(cfg, vocab, vocab_size, verbose=True):
             raise UserError(f"{path} is at iter {ckpt['iter_num']}, max_iters is {cfg.max_iters}: "
                             "nothing to train; raise --max_iters "
                             "(or evaluate it with --eval_only=True)")
+        bad = [k for k, v in ckpt['model'].items()
+               if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise UserError(f"{path} holds weights that are not finite ({bad[0]}): the run it "
+                            "saved had diverged; resume from ckpt_prev.pt (rename it to ckpt.pt)")
+        if ckpt.get('data_sha256') and data_sha256 and ckpt['data_sha256'] != data_sha256:
+            raise UserError(f"{path} was trained on other data than dataset '{cfg.dataset}' (its "
+                            "val.bin differs), so their losses do not compare: resume with "
+                            f"--dataset={ckpt['config']['dataset']!r} (or its data_dir), or start "
+                            "a new run in another out_dir")
         say(f"resuming from {path} at step {ckpt['iter_num']} "
             f"(best val loss {ckpt['best_val_loss']:.4f})")
         return model_from_checkpoint(ckpt, dropout=cfg.dropout), ckpt
@@ -250,8 +320,62 @@ def load_model(init_from='resume', out_dir='out', ckpt_name='best.pt'):
     ckpt_name reads one from elsewhere), or OpenAI's GPT-2 / a Hugging Face folder
     (checkpoint None)."""
     if init_from == 'resume':
-        ckpt = load_checkpoint(os.path.join(out_dir, ckpt_name))
+        path = os.path.join(out_dir, ckpt_name)
+        ckpt = load_checkpoint(path)
+        check_schema(ckpt, path)
         tokenizer = Tokenizer(ckpt['vocab'])
         return (model_from_checkpoint(ckpt, dropout=0.0, vocab_size=tokenizer.vocab_size).eval(),
                 tokenizer, ckpt)
     return from_pretrained(init_from, dropout=0.0).eval(), Tokenizer(GPT2_VOCAB), None
+
+
+# --------------------------------------------------------------------------------------------------
+# out_dir: one run at a time, and its metrics log
+
+def claim_out_dir(cfg):
+    """Make cfg.out_dir this run's, or say in one line why not: it is a file, cannot be written,
+    another run holds its lock, or (for a run not resuming) it already holds a run. The lock is an
+    flock on the folder itself (no lock file to leave behind): it lasts while the returned file
+    descriptor is open, and the OS releases it when the process ends, however it ends, so a crash
+    leaves no stale lock. os.close() it when the run is over."""
+    import fcntl
+    out_dir = cfg.out_dir
+    if not out_dir or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
+        raise UserError(f"out_dir {out_dir!r} is not a folder: "
+                        "give the run one, e.g. --out_dir=out")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(13, 'Permission denied')
+        lock = os.open(out_dir, os.O_RDONLY)
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir {out_dir} ({e.strerror}): "
+                        "pick a folder you can write to") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise UserError(f"{out_dir} is in use by another training run: wait for it to end, "
+                        "or give this one another --out_dir") from None
+    held = [n for n in ('ckpt.pt', 'best.pt') if os.path.exists(os.path.join(out_dir, n))]
+    if held and cfg.init_from != 'resume' and not cfg.overwrite:
+        os.close(lock)
+        raise UserError(f"{out_dir} already holds a run ({held[0]}): continue it with "
+                        "--init_from=resume, give this one another --out_dir, or replace it "
+                        "with --overwrite=True")
+    return lock
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl. A line that is not JSON (a crash or a full disk mid-write
+    leaves half a line) is dropped, and said, rather than ending the resume or plot reading it."""
+    rows, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                dropped += bool(line.strip())
+    if dropped:
+        print(f"{path}: dropped {dropped} unreadable line(s) (a partial write, from a crash?)")
+    return rows

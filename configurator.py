@@ -64,6 +64,16 @@ def _parse_flag_value(cls, key, text):
         raise UserError(f"config key '{key}': cannot parse value {text!r}") from None
 
 
+def _line_in(error, path):
+    """The line of the config file `path` where `error` was raised, from its traceback."""
+    tb, line = error.__traceback__, None
+    while tb:
+        if tb.tb_frame.f_code.co_filename == path:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
 def load_config(cls, args):
     """Build a `cls` dataclass from its defaults, then each arg in order: a config file path, or
     --key=value. Returns the config object; raises UserError on any mistake."""
@@ -73,9 +83,14 @@ def load_config(cls, args):
             if not os.path.isfile(arg):
                 raise UserError(f"config file '{arg}' not found (flags are written --key=value)")
             namespace = dict(values)
-            with open(arg) as f:
-                code = compile(f.read(), arg, 'exec')
-            exec(code, namespace)  # run the file in its own namespace, never in ours
+            try:
+                with open(arg) as f:
+                    code = compile(f.read(), arg, 'exec')
+                exec(code, namespace)  # run the file in its own namespace, never in ours
+            except Exception as e:  # a config file is Python: any error of its own is the file's
+                line = getattr(e, 'lineno', None) or _line_in(e, arg)
+                raise UserError(f"config file {arg}" + (f", line {line}" if line else '')
+                                + f": {type(e).__name__}: {e}") from None
             for key, value in namespace.items():
                 if key.startswith('_') or isinstance(value, types.ModuleType):
                     continue  # __builtins__, imports and private helpers are not config

@@ -14,34 +14,65 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from data.common import file_sha256
 from errors import UserError
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
 
-def open_dataset(dataset, data_dir='', block_size=1):
+def open_dataset(dataset, data_dir='', block_size=1, splits=('train', 'val')):
     """The dataset's vocabulary spec and its splits {'train': ..., 'val': ...} as read-only memmaps.
-    data_dir overrides data/<dataset>; each split must hold more than block_size tokens."""
+    data_dir overrides data/<dataset>; each split must hold more than block_size tokens. The bins
+    are checked against what meta.json recorded when they were written (size, SHA-256, largest
+    id), so a half-written or mixed dataset is refused rather than trained on."""
     data_dir = data_dir or os.path.join(DATA, dataset)
-    prepare = os.path.join('data', dataset, 'prepare.py')
-    meta_path = os.path.join(data_dir, 'meta.json')
-    if not os.path.isfile(meta_path):
-        raise UserError(f"dataset '{dataset}' not found in {data_dir}: "
-                        f"run `python {prepare}` first")
-    with open(meta_path) as f:
-        vocab = json.load(f)['vocab']
-    splits = {}
-    for split in ('train', 'val'):
+    prepare = f"python {os.path.join('data', dataset, 'prepare.py')}"
+    meta = read_meta(data_dir, dataset, prepare)
+    out = {}
+    for split in splits:
         path = os.path.join(data_dir, f'{split}.bin')
         if not os.path.isfile(path):
-            raise UserError(f"{path} is missing: run `python {prepare}` again")
-        data = (np.memmap(path, dtype=np.uint16, mode='r') if os.path.getsize(path)
-                else np.zeros(0, np.uint16))
+            raise UserError(f"{path} is missing: run `{prepare}` again")
+        size = os.path.getsize(path)
+        recorded = meta.get(split)
+        if size % 2 or (recorded and (size != recorded['bytes']
+                                      or file_sha256(path) != recorded['sha256'])):
+            raise UserError(f"{path} is not the file meta.json beside it describes (an interrupted "
+                            f"or mixed prepare run?): run `{prepare}` again")
+        data = np.memmap(path, dtype=np.uint16, mode='r') if size else np.zeros(0, np.uint16)
+        # ids beyond the vocabulary would index past the embedding (on CUDA a device-side assert)
+        max_id = recorded['max_id'] if recorded else int(data.max(initial=0))
+        if max_id >= meta['vocab_size']:
+            raise UserError(f"{path} holds token id {max_id}, outside the vocabulary of "
+                            f"{meta['vocab_size']}: run `{prepare}` again")
         if len(data) <= block_size:
             raise UserError(f"the {split} split of '{dataset}' has {len(data)} tokens, too few for "
                             f"block_size {block_size}: use a smaller --block_size or more text")
-        splits[split] = data
-    return vocab, splits
+        out[split] = data
+    return meta['vocab'], out
+
+
+def val_sha256(dataset, data_dir=''):
+    """The SHA-256 of the dataset's val.bin as its meta.json records it (None for older datasets):
+    what identifies the data a run's val losses are measured on."""
+    data_dir = data_dir or os.path.join(DATA, dataset)
+    return read_meta(data_dir, dataset, '').get('val', {}).get('sha256')
+
+
+def read_meta(data_dir, dataset, prepare):
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(path):
+        raise UserError(f"dataset '{dataset}' not found in {data_dir}: run `{prepare}` first")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        spec = meta['vocab']
+        size = len(spec['chars']) if spec['kind'] == 'char' else 2**16
+        meta.setdefault('vocab_size', size)  # older datasets did not always record it
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is malformed ({type(e).__name__}: {e}): run `{prepare}` "
+                        "again") from None
+    return meta
 
 
 def batch_seed(seed, split, index):
@@ -77,15 +108,17 @@ def train_batches(data, cfg, start_step=0, rank=0, world_size=1, device='cpu'):
     """This process's micro-batches, in order, from step start_step on. A step's global batch is
     gradient_accumulation_steps x batch_size windows; process `rank` takes its consecutive share of
     micro-batches, so that 2 processes x 2 micro-steps see what 1 process x 4 micro-steps sees.
-    A memmap is opened anew for each batch: one kept open keeps every page it has read mapped, so
-    over a long run the process's resident memory grows to the size of train.bin (measured in
-    docs/speed.md), while opening one costs a fraction of a millisecond."""
+    A large train.bin (over 1 GiB) is memory-mapped anew for each batch: one kept open keeps every
+    page it has read mapped, so over a long run the process's resident memory grows to the size of
+    the file (measured in docs/gpu.md); a smaller one stays open, as re-opening costs more time per
+    batch than its pages cost memory."""
     local_accum = cfg.gradient_accumulation_steps // world_size
     global_rows = cfg.gradient_accumulation_steps * cfg.batch_size
     path = getattr(data, 'filename', None)  # None for an array in memory (bench.py's tokens)
+    reopen = path is not None and os.path.getsize(path) > 2**30
     for step in itertools.count(start_step):
         for micro in range(local_accum):
-            if path:
+            if reopen:
                 data = np.memmap(path, dtype=np.uint16, mode='r')
             first = (rank * local_accum + micro) * cfg.batch_size
             yield get_batch(data, cfg.block_size, global_rows, batch_seed(cfg.seed, 'train', step),
@@ -93,15 +126,20 @@ def train_batches(data, cfg, start_step=0, rank=0, world_size=1, device='cpu'):
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, eval_iters, batch_size, block_size, seed, device='cpu', ctx=None):
+def estimate_loss(model, splits, eval_iters, batch_size, block_size, seed, device='cpu', ctx=None,
+                  stop=None):
     """Mean loss over eval_iters random batches per split: an estimate, quick enough to run during
-    training. The batches are the same at every call, so two estimates differ only by the model."""
+    training. The batches are the same at every call, so two estimates differ only by the model.
+    stop: a function asked before each batch; once it returns true, the estimate ends (None)."""
     out = {}
     was_training = model.training
     model.eval()
     for split, data in splits.items():
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
+            if stop and stop():
+                model.train(was_training)
+                return None
             x, y = get_batch(data, block_size, batch_size, batch_seed(seed, 'eval_' + split, k),
                              device=device)
             with ctx or nullcontext():

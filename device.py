@@ -9,6 +9,7 @@ Every script calls setup() once and reads what it needs from the result:
         logits, loss = model(x, y)
 """
 
+import os
 import re
 import time
 from contextlib import nullcontext
@@ -143,6 +144,25 @@ def setup(device='auto', dtype='auto', compile=False, sample_rows=None, threads=
     if threads:
         torch.set_num_threads(threads)
     return Device(device, dtype, resolve_compile(compile, device), autocast_context(device, dtype))
+
+
+def check_memory(n_params, device, bytes_per_param=16):
+    """Refuse, in one line with the estimate, a model whose training state cannot fit in the memory
+    free on device, before any of it is allocated (where it would end in an allocator traceback or
+    the OOM killer). 16 bytes a parameter: fp32 weights, gradients and AdamW's two moments;
+    activations come on top."""
+    if device.startswith('cuda'):
+        free = torch.cuda.mem_get_info(device)[0]
+    elif device == 'cpu' and hasattr(os, 'sysconf'):
+        free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    else:
+        return
+    need = n_params * bytes_per_param
+    if need > free:
+        raise UserError(f"a model of {n_params / 1e6:,.1f}M parameters needs "
+                        f"~{need / 2**30:,.1f} GiB for its weights, gradients and optimizer "
+                        f"state, more than the {free / 2**30:,.1f} GiB free on {device}: "
+                        "make it smaller")
 
 
 # Dense tensor-core peaks in FLOP/s from NVIDIA's data sheets, to turn FLOP/s into MFU: (bf16/fp16,

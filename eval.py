@@ -69,7 +69,7 @@ def check_config(cfg):
     for key in ('block_size', 'stride', 'max_tokens', 'bleu_samples'):
         if getattr(cfg, key) < 0:
             raise UserError(f"{key} must be zero or more, got {getattr(cfg, key)}")
-    if cfg.temperature < 0:
+    if not cfg.temperature >= 0:  # also NaN
         raise UserError(f"temperature must be 0 or more, got {cfg.temperature}")
     if cfg.top_k is not None and cfg.top_k <= 0:
         raise UserError(f"top_k must be positive or None, got {cfg.top_k}")
@@ -233,7 +233,7 @@ def main(cfg):
     # resolved, as the JSON records them
     cfg = replace(cfg, dataset=dataset, data_dir=data_dir, block_size=block_size, stride=stride,
                   device=device, dtype=dtype)
-    vocab, splits = open_dataset(dataset, data_dir, block_size)
+    vocab, splits = open_dataset(dataset, data_dir, block_size, splits=(cfg.split,))
     if vocab != tokenizer.spec:
         raise UserError(f"{name} was trained with another vocabulary ({describe(tokenizer.spec)}) "
                         f"than dataset '{dataset}' ({describe(vocab)}): "
@@ -242,6 +242,9 @@ def main(cfg):
     if len(data) <= block_size:
         raise UserError(f"max_tokens {cfg.max_tokens} leaves too few tokens for one window of "
                         f"{block_size}: use a larger --max_tokens (or 0 for the whole split)")
+    if cfg.bleu_samples:  # checked now rather than after the whole loss pass
+        prompts, real = draw_prompts(data, cfg.bleu_samples, cfg.bleu_prompt_tokens,
+                                     cfg.bleu_tokens, cfg.seed)
     print(f"evaluating {name} ({model.get_num_params() / 1e6:.2f}M parameters) "
           f"on {dataset} {cfg.split}: "
           f"{len(data):,} tokens, windows of {block_size} every {stride}, {device}, {dtype}")
@@ -257,7 +260,7 @@ def main(cfg):
         'model': name, 'dataset': dataset, 'split': cfg.split, 'tokens': len(data),
         'scored_tokens': n_scored, 'scored_bytes': n_bytes, 'scored_characters': n_chars,
         'loss': loss,  # mean nats per scored token
-        'perplexity': math.exp(loss),
+        'perplexity': math.exp(loss) if loss < 709 else math.inf,  # exp(709.8) overflows
         'bits_per_token': bits / n_scored,
         'bits_per_character': bits / n_chars,
         'bits_per_byte': bits / n_bytes,
@@ -265,8 +268,6 @@ def main(cfg):
         'unit': 'character' if vocab['kind'] == 'char' else 'byte',
     }
     if cfg.bleu_samples:
-        prompts, real = draw_prompts(data, cfg.bleu_samples, cfg.bleu_prompt_tokens,
-                                     cfg.bleu_tokens, cfg.seed)
         generated = generate_continuations(model, prompts, cfg, device, ctx)
         references = [tokenizer.decode(r) for r in real.tolist()]
         hypotheses = [tokenizer.decode(g) for g in generated]

@@ -9,9 +9,9 @@ Needs matplotlib (pip install matplotlib).
 """
 
 import argparse
-import json
 import os
 
+from checkpoint import read_metrics as read_metrics_file
 from configurator import cli
 from errors import UserError
 
@@ -20,8 +20,7 @@ def read_metrics(out_dir):
     path = os.path.join(out_dir, 'metrics.jsonl')
     if not os.path.isfile(path):
         raise UserError(f"no metrics log at {path}: train a run with this out_dir first")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_metrics_file(path)
     if not rows:
         raise UserError(f"{path} is empty: the run has not logged a step yet")
     return rows

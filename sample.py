@@ -62,7 +62,7 @@ def main(cfg):
     for key in ('num_samples', 'max_new_tokens'):
         if getattr(cfg, key) <= 0:
             raise UserError(f"{key} must be positive, got {getattr(cfg, key)}")
-    if cfg.temperature < 0:
+    if not cfg.temperature >= 0:  # also NaN
         raise UserError(f"temperature must be 0 or more, got {cfg.temperature}")
     if cfg.top_k is not None and cfg.top_k <= 0:
         raise UserError(f"top_k must be positive or None, got {cfg.top_k}")
@@ -83,8 +83,12 @@ def main(cfg):
         path = start[5:]
         if not os.path.isfile(path):
             raise UserError(f"prompt file {path} not found")
-        with open(path, encoding='utf-8') as f:
-            start = f.read()
+        try:
+            with open(path, encoding='utf-8') as f:
+                start = f.read()
+        except UnicodeDecodeError as e:
+            raise UserError(f"prompt file {path} is not UTF-8 text (byte {e.start}): convert it, "
+                            "e.g. iconv -f latin1 -t utf-8") from None
     ids = tokenizer.encode(start)
     if not ids:
         raise UserError("the prompt is empty: give --start some text the model knows")

@@ -29,14 +29,21 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 
-from checkpoint import build_checkpoint, init_model, restore_training, save_checkpoint
+from checkpoint import (
+    build_checkpoint,
+    claim_out_dir,
+    init_model,
+    read_metrics,
+    restore_training,
+    save_checkpoint,
+)
 from configurator import cli, print_config
-from dataset import estimate_loss, open_dataset, train_batches
+from dataset import estimate_loss, open_dataset, train_batches, val_sha256
 from device import peak_flops, resolve_device, setup
 from errors import UserError
 from hf import GPT2_NAMES
@@ -56,6 +63,7 @@ class TrainConfig:
     # also evaluate the untrained model at step 0 (False saves that time in a race)
     eval_at_start: bool = True
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
+    overwrite: bool = False  # a new run may replace the run already in out_dir
     # keep the checkpoint before the latest as ckpt_prev.pt (False: one checkpoint less on disk)
     keep_prev_checkpoint: bool = True
     # 'scratch', 'resume' (from out_dir/ckpt.pt), or OpenAI's GPT-2 to finetune: 'gpt2',
@@ -168,13 +176,10 @@ class MetricsLog:
         path = os.path.join(cfg.out_dir, 'metrics.jsonl')
         os.makedirs(cfg.out_dir, exist_ok=True)
         if start_iter > 0 and os.path.isfile(path):
-            with open(path) as f:
-                lines = [line for line in f if line.strip()]
-            keep = [line for line in lines if json.loads(line)['iter'] <= start_iter]
-            if len(keep) < len(lines):
-                with open(path + '.tmp', 'w') as f:
-                    f.writelines(keep)
-                os.replace(path + '.tmp', path)
+            rows = read_metrics(path)
+            with open(path + '.tmp', 'w') as f:
+                f.writelines(json.dumps(row) + '\n' for row in rows if row['iter'] <= start_iter)
+            os.replace(path + '.tmp', path)
         self.file = open(path, 'w' if start_iter == 0 else 'a')  # a new run, a new log
         self.wandb = None
         if cfg.wandb_log:
@@ -248,11 +253,18 @@ def check_config(cfg):
     if cfg.max_iters <= 0 and not cfg.eval_only:
         raise UserError(f"max_iters must be positive, got {cfg.max_iters} "
                         "(to evaluate only, use --eval_only=True)")
-    for key in ('warmup_iters', 'lr_decay_iters', 'grad_clip', 'peak_flops'):
-        if getattr(cfg, key) < 0:
+    for key in ('warmup_iters', 'lr_decay_iters', 'grad_clip', 'peak_flops', 'weight_decay',
+                'min_lr'):
+        if not getattr(cfg, key) >= 0:  # also NaN
             raise UserError(f"{key} must be zero or more, got {getattr(cfg, key)}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+    for key in ('learning_rate', 'muon_lr'):
+        if not getattr(cfg, key) > 0:
+            raise UserError(f"{key} must be positive, got {getattr(cfg, key)}")
+    for key in ('beta1', 'beta2', 'muon_momentum'):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise UserError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
     changed = [k for k in MODERN_SWITCHES if getattr(cfg, k) != getattr(TrainConfig, k)]
@@ -287,15 +299,16 @@ def main(cfg):
         if cfg.gradient_accumulation_steps % world_size:
             raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) "
                             f"must be divisible by the number of processes ({world_size})")
-        # SIGINT, SIGTERM: stop after the current step (see the docstring)
-        with stop_signals() as received:
-            return train(cfg, dev, rank, world_size, received)
+        # SIGINT, SIGTERM: stop after the current step (see the docstring); on_exit: what to
+        # release however train() ends (out_dir's lock)
+        with stop_signals() as received, ExitStack() as on_exit:
+            return train(cfg, dev, rank, world_size, received, on_exit)
     finally:
         if ddp:
             torch.distributed.destroy_process_group()
 
 
-def train(cfg, dev, rank, world_size, received):
+def train(cfg, dev, rank, world_size, received, on_exit):
     t_launch = time.perf_counter()
     master = rank == 0  # the process that prints, logs and saves
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
@@ -307,7 +320,11 @@ def train(cfg, dev, rank, world_size, received):
     torch.manual_seed(cfg.seed + rank)
 
     vocab, splits = open_dataset(cfg.dataset, cfg.data_dir, cfg.block_size)
-    model, ckpt = init_model(cfg, vocab, Tokenizer(vocab).vocab_size, verbose=master)
+    data_sha256 = val_sha256(cfg.dataset, cfg.data_dir)  # a resume must measure on the same val
+    model, ckpt = init_model(cfg, vocab, Tokenizer(vocab).vocab_size, master, data_sha256,
+                             dev.device)
+    if master and not cfg.eval_only:  # out_dir is this run's until it ends: no other writes there
+        on_exit.callback(os.close, claim_out_dir(cfg))
     iter_num, best_val_loss = ((ckpt['iter_num'], ckpt['best_val_loss']) if ckpt
                                else (0, float('inf')))
     model.to(dev.device)
@@ -334,7 +351,7 @@ def train(cfg, dev, rank, world_size, received):
 
     def checkpoint(is_best):
         save_checkpoint(build_checkpoint(raw_model, optimizer, scaler, cfg, iter_num,
-                                         best_val_loss, vocab),
+                                         best_val_loss, vocab, data_sha256),
                         cfg.out_dir, is_best, cfg.keep_prev_checkpoint)
 
     batches = train_batches(splits['train'], cfg, iter_num, rank, world_size, dev.device)
@@ -357,16 +374,21 @@ def train(cfg, dev, rank, world_size, received):
         if last or cfg.eval_only or (
                 iter_num % cfg.eval_interval == 0
                 and (iter_num > start_iter or iter_num == 0 and cfg.eval_at_start)):
+            # alone, a stop signal ends an evaluation at once (under DDP the processes agree on it
+            # at a log step)
             losses = estimate_loss(model, splits, cfg.eval_iters, cfg.batch_size, cfg.block_size,
-                                   cfg.seed, dev.device, dev.autocast)
-            if master:
+                                   cfg.seed, dev.device, dev.autocast,
+                                   stop=(lambda: received['signal']) if world_size == 1 else None)
+            if losses is None:  # left unfinished: no best.pt from it, ckpt.pt below
+                stop_signal, last = received['signal'], False
+            elif master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, "
                       f"val loss {losses['val']:.4f}, "
                       f"{time.perf_counter() - t_launch:.1f} s since start", flush=True)
                 if metrics:
                     metrics.log(iter_num, eval_train_loss=losses['train'], val_loss=losses['val'])
-            is_best = losses['val'] < best_val_loss
-            if (not cfg.eval_only and iter_num > start_iter
+            is_best = losses is not None and losses['val'] < best_val_loss
+            if (losses and not cfg.eval_only and iter_num > start_iter
                     and (is_best or cfg.always_save_checkpoint)):
                 if is_best:
                     best_val_loss = losses['val']  # only ever goes down: it is the loss of best.pt

@@ -3,6 +3,7 @@ What every data/<name>/prepare.py shares: finding the raw text (a local file, or
 writing token ids as the headerless uint16 train.bin/val.bin plus meta.json that train.py reads.
 """
 
+import hashlib
 import json
 import os
 
@@ -55,24 +56,53 @@ def write_dataset(out_dir, train_ids, val_ids, vocab, vocab_size):
     if vocab_size > 2**16:
         raise UserError(f"vocab_size {vocab_size} does not fit uint16 token ids")
     os.makedirs(out_dir, exist_ok=True)
-    write_split(train_ids, os.path.join(out_dir, 'train.bin'))
-    write_split(val_ids, os.path.join(out_dir, 'val.bin'))
-    write_meta(out_dir, vocab, vocab_size, len(train_ids), len(val_ids))
+    write_split(train_ids, os.path.join(out_dir, 'train.bin.tmp'))
+    write_split(val_ids, os.path.join(out_dir, 'val.bin.tmp'))
+    finish_dataset(out_dir, vocab, vocab_size)
 
 
-def write_meta(out_dir, vocab, vocab_size, train_tokens, val_tokens):
-    meta = {'vocab': vocab, 'vocab_size': vocab_size,
-            'train_tokens': train_tokens, 'val_tokens': val_tokens}
-    with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
+def finish_dataset(out_dir, vocab, vocab_size):
+    """Move train.bin.tmp and val.bin.tmp into place with a meta.json that records what they hold:
+    the vocabulary, and per split its tokens, bytes, largest id and SHA-256. meta.json moves last,
+    so that until a prepare run has finished, the dataset in out_dir is the old one, or a mix that
+    dataset.open_dataset refuses (its bins disagree with the meta.json beside them)."""
+    meta = {'vocab': vocab, 'vocab_size': vocab_size}
+    for split in ('train', 'val'):
+        tmp = os.path.join(out_dir, f'{split}.bin.tmp')
+        ids = np.memmap(tmp, dtype=np.uint16, mode='r') if os.path.getsize(tmp) else np.zeros(0)
+        if len(ids) == 0:
+            raise UserError(f"the {split} split would be empty: give more text")
+        max_id = int(ids.max())
+        if max_id >= vocab_size:
+            raise UserError(f"token id {max_id} in the {split} split is outside the vocabulary "
+                            f"of {vocab_size}")
+        meta[f'{split}_tokens'] = len(ids)
+        meta[split] = {'tokens': len(ids), 'bytes': os.path.getsize(tmp), 'max_id': max_id,
+                       'sha256': file_sha256(tmp)}
+        del ids
+    with open(os.path.join(out_dir, 'meta.json.tmp'), 'w') as f:
         json.dump(meta, f, indent=1)
-    print(f"vocab_size {vocab_size:,}; train has {train_tokens:,} tokens, val {val_tokens:,}; "
-          f"written to {out_dir}")
+    for name in ('train.bin', 'val.bin', 'meta.json'):
+        os.replace(os.path.join(out_dir, name + '.tmp'), os.path.join(out_dir, name))
+    print(f"vocab_size {vocab_size:,}; train has {meta['train_tokens']:,} tokens, "
+          f"val {meta['val_tokens']:,}; written to {out_dir}")
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(2**24), b''):
+            h.update(block)
+    return h.hexdigest()
 
 
 def split_and_write(text, vocab, out_dir, val_fraction=0.1):
     """Encode the first (1 - val_fraction) of the text as train, the rest as val, and write both."""
     from tokenizer import Tokenizer
     tok = Tokenizer(vocab)
+    if not text.strip():
+        raise UserError("the input text is empty: nothing to train on (the dataset in "
+                        f"{out_dir} is left as it was)")
     cut = int(len(text) * (1 - val_fraction))
     write_dataset(out_dir, tok.encode(text[:cut]), tok.encode(text[cut:]), vocab, tok.vocab_size)
 

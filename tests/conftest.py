@@ -153,3 +153,41 @@ def max_diff(a, b):
     """The largest absolute difference between two state dicts' tensors."""
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# --------------------------------------------------------------------------------------------------
+# a trained run to fail on
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory, char_data):
+    out = tmp_path_factory.mktemp('run')
+    import train
+    train.main(tiny_train_config(out, char_data, max_iters=10, eval_interval=5))
+    assert sorted(os.listdir(out)) == ['best.pt', 'ckpt.pt', 'ckpt_prev.pt', 'metrics.jsonl']
+    return out
+
+
+@pytest.fixture
+def out_dir(trained_run, tmp_path):
+    """A copy of the trained run's folder, for one test to fail on."""
+    return shutil.copytree(trained_run, tmp_path / 'out')
+
+
+def fails(script, config_cls, args, out_dir, capsys):
+    """Run `python <script> args` in-process: it must exit with status 2 and one line on stderr, and
+    change nothing in out_dir. Returns the line."""
+    before = dir_snapshot(out_dir)
+    with pytest.raises(SystemExit) as e:
+        from configurator import cli
+        cli(script.main, config_cls, [str(a) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith('error: ') and err.count('\n') == 1, err
+    assert dir_snapshot(out_dir) == before
+    return err
+
+
+def train_args(out_dir, data_dir, *extra):
+    """A valid train.py command line for the trained run (resuming it to 20 steps), then extra
+    flags."""
+    cfg = tiny_train_config(out_dir, data_dir, max_iters=20, eval_interval=5, init_from='resume')
+    return [*flags(cfg), *extra]

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import cli  # noqa: E402
-from data.common import write_meta  # noqa: E402
+from data.common import finish_dataset  # noqa: E402
 from errors import UserError  # noqa: E402
 from tokenizer import GPT2_VOCAB, Tokenizer  # noqa: E402
 
@@ -74,7 +74,7 @@ def tokenize(batch):
 
 
 def write_bin(dset, path):
-    """Concatenate the documents' ids into a uint16 file,
+    """Concatenate the documents' ids into path + '.tmp' (finish_dataset moves it into place),
     ~1/1024 of the split in memory at a time."""
     from tqdm import tqdm
     n_tokens = int(np.sum(dset['len'], dtype=np.uint64))
@@ -89,8 +89,6 @@ def write_bin(dset, path):
         idx += len(ids)
     arr.flush()
     del arr
-    os.replace(tmp, path)  # a crash never leaves a half-written bin under the final name
-    return n_tokens
 
 
 def main():
@@ -117,9 +115,9 @@ def main():
     tokenized = split.map(tokenize, batched=True, remove_columns=corpus.column_names,
                           num_proc=args.num_proc, desc='tokenizing')
     os.makedirs(args.out_dir, exist_ok=True)
-    n = {name: write_bin(tokenized[key], os.path.join(args.out_dir, f'{name}.bin'))
-         for name, key in (('train', 'train'), ('val', 'test'))}
-    write_meta(args.out_dir, GPT2_VOCAB, tok.vocab_size, n['train'], n['val'])
+    for name, key in (('train', 'train'), ('val', 'test')):
+        write_bin(tokenized[key], os.path.join(args.out_dir, f'{name}.bin'))
+    finish_dataset(args.out_dir, GPT2_VOCAB, tok.vocab_size)  # moves the bins into place
 
 
 if __name__ == '__main__':
