@@ -34,7 +34,8 @@ from generation import HALF_PRECISION_PREFILL, RowKVCache, sample_next
 @dataclass(eq=False)
 class Row:
     """One text to generate. emit(event) is called from the engine's thread with a dict:
-    {'echo': [(id, logprob, top), ...]} once first, when echo is set: the prompt's tokens, each
+    {'echo': [(id, logprob, top), ...], 'finish_reason': None} first, when echo is set: the prompt's
+        tokens, each
         with its log-probability given the ones before (None for the first) and top, the
         `logprobs` most likely tokens there ({id: logprob}, None for the first);
     {'token': id, 'text': new text, 'logprob': lp, 'top': {id: lp}, 'finish_reason': None} for
@@ -143,7 +144,7 @@ class Engine:
                 logp = F.log_softmax(logits[0].float(), dim=-1)  # (T - 1, vocab_size)
                 for t, token in enumerate(context[1:]):
                     echo.append((token, logp[t, token].item(), self.top(logp[t], row.logprobs)))
-            row.emit({'echo': echo})
+            row.emit({'echo': echo, 'finish_reason': None})
         row.fresh = False
 
     @staticmethod

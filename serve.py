@@ -235,7 +235,8 @@ def create_app(cfg, model, tokenizer, engine, model_id):
     async def completions(req: CompletionRequest, request: Request):
         prompts = ([req.prompt] if isinstance(req.prompt, str) or not req.prompt
                    or isinstance(req.prompt[0], int) else req.prompt)
-        rows = make_rows(req, prompts, req.max_tokens or 16, req.stop, req.logprobs, req.echo)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default
+        rows = make_rows(req, prompts, max_tokens, req.stop, req.logprobs, req.echo)
         head = {'id': f'cmpl-{uuid.uuid4().hex}', 'object': 'text_completion',
                 'created': int(time.time()), 'model': model_id}
         texts = [tokenizer.decode(row.prompt) if req.echo else '' for row in rows]
@@ -277,7 +278,8 @@ def create_app(cfg, model, tokenizer, engine, model_id):
 
     @app.post('/v1/chat/completions')
     async def chat(req: ChatRequest, request: Request):
-        max_tokens = req.max_completion_tokens or req.max_tokens or 256
+        max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens) if m is not None),
+                          256)  # a reply, not OpenAI's "until the context ends"
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         rows = make_rows(req, [chat_prompt(req.messages)], max_tokens, [CHAT_STOP] + stop)
         head = {'id': f'chatcmpl-{uuid.uuid4().hex}', 'created': int(time.time()),
