@@ -27,6 +27,7 @@ class KVCache:
         self.v = [torch.empty(shape, dtype=dtype, device=w.device) for _ in range(cfg.n_layer)]
         # positions filled: the next token fed goes to position pos (GPT.forward advances it)
         self.pos = 0
+        self.mask = None  # every row is at pos: attention's causal mask is all it needs
 
     def insert(self, layer, k, v):
         """Write one layer's keys and values (B, nh, T, hs) of positions pos..pos+T-1 and return all
@@ -34,6 +35,59 @@ class KVCache:
         end = self.pos + k.size(2)
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+
+class RowKVCache:
+    """A KV cache whose rows are at positions of their own, for continuous batching (engine.py): a
+    row can start a new text while the others go on with theirs, so that one forward pass decodes
+    every row. pos is a (B,) tensor: row b's next token goes to position pos[b] (GPT.forward reads
+    it row by row and advances it). A row's keys past its own position are left over from an
+    earlier text; attention masks them out (self.mask, set for each forward by insert)."""
+
+    def __init__(self, model, batch_size, dtype=None):
+        cfg, w = model.config, model.lm_head.weight
+        shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        dtype = dtype or w.dtype
+        # zeros, not empty: a masked key still enters q k^T, and a NaN there would survive the mask
+        self.k = [torch.zeros(shape, dtype=dtype, device=w.device) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=w.device) for _ in range(cfg.n_layer)]
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=w.device)
+        self.mask = None
+
+    def rows(self, start, stop):
+        """The rows start..stop-1 as a cache of their own: views of these buffers, no copies."""
+        view = object.__new__(RowKVCache)
+        view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
+        view.pos, view.mask = self.pos[start:stop], None
+        return view
+
+    def move(self, src, dst):
+        """Copy row src (its keys, values and position) over row dst."""
+        n = int(self.pos[src])
+        for buf in (*self.k, *self.v):
+            buf[dst, :, :n] = buf[src, :, :n]
+        self.pos[dst] = n
+
+    def insert(self, layer, k, v):
+        """Write one layer's keys and values (B, nh, T, hs) of each row b at positions
+        pos[b]..pos[b]+T-1 and return the keys and values of positions 0..max(pos)+T-1 (views).
+        At the first layer, also set the mask (B, 1, T, keys) of this forward: a query sees the
+        keys of its own row up to its own position. None when every row is at the same position
+        and T is 1 (a decode step in step): then every key is the query's own row's, as in
+        KVCache, and attention takes the same path as there."""
+        B, nh, T, hs = k.size()
+        pos = self.pos[:, None] + torch.arange(T, device=k.device)  # (B, T): the new positions
+        end = int(pos.max()) + 1
+        rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+        # advanced indices on dims 0 and 2 put them first: (B, T, nh, hs)
+        self.k[layer][rows, :, pos] = k.transpose(1, 2)
+        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        if layer == 0:
+            same = T == 1 and bool((self.pos == self.pos[0]).all())
+            keys = torch.arange(end, device=k.device)
+            self.mask = None if same else (keys[None, None, :] <= pos[:, :, None])[:, None]
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 

@@ -57,8 +57,8 @@ def rotary_tables(block_size, head_size, base=10000.0):
 
 def apply_rotary(x, cos, sin):
     """Rotate each pair of channels (x1[i], x2[i]) of x (B, nh, T, hs) by its position's angle
-    (T, hs/2). Then q_s . k_t depends on s - t only: attention sees relative positions
-    (Su et al. 2021, eq. 16)."""
+    (1, T, hs/2), or (B, 1, T, hs/2) for rows at their own positions. Then q_s . k_t depends on
+    s - t only: attention sees relative positions (Su et al. 2021, eq. 16)."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # bf16 under autocast, like q and k
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
@@ -97,12 +97,15 @@ class CausalSelfAttention(nn.Module):
             # in the cache's dtype (the decode step's policy lives in generation.py)
             k, v = cache.insert(self.layer_idx, k, v)  # (B, nh, t0 + T, hs)
             q = q.to(k.dtype)
+        # rows at their own positions (generation.RowKVCache) bring a mask (B, 1, T, keys)
+        mask = None if cache is None else cache.mask
         # softmax(q k^T / sqrt(hs)) v (Vaswani et al. eq. 1); flash kernels on CUDA.
         # Causal over T > 1 positions (training, or a prefill into an empty cache);
         # a single new query may see every key.
         with torch.autocast(x.device.type, enabled=False) if cache is not None else nullcontext():
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=T > 1)
+                q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
+                is_causal=T > 1 and mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -235,19 +238,22 @@ class GPT(nn.Module):
         continues the tokens it holds: T of them into an empty cache (a prefill), or one after them
         (a decode step)."""
         B, T = idx.size()
-        t0 = 0 if cache is None else cache.pos  # positions continue after the cached ones
-        if t0 + T > self.config.block_size:
-            raise ValueError(f"sequence of length {t0 + T} is longer than "
+        # positions continue after the cached ones: an int, or a (B,) tensor of each row's own
+        t0 = 0 if cache is None else cache.pos
+        per_row = torch.is_tensor(t0)
+        end = (int(t0.max()) if per_row else t0) + T
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of length {end} is longer than "
                              f"block_size {self.config.block_size}")
-        if t0 and T > 1:  # the causal mask of T > 1 new queries would not be offset by t0
+        if not per_row and t0 and T > 1:  # the causal mask of T new queries would not start at t0
             raise ValueError("only an empty KVCache takes several tokens at once")
         x = self.transformer.wte(idx)  # (B, T, n_embd)
+        pos = torch.arange(T, device=idx.device) + (t0[:, None] if per_row else t0)  # (T,), (B, T)
         rotary = None
         if self.config.rotary:
-            # positions enter in attention instead
-            rotary = self.rotary_cos[t0:t0 + T], self.rotary_sin[t0:t0 + T]
+            # positions enter in attention instead: (1 or B, 1, T, hs/2), broadcast over the heads
+            rotary = self.rotary_cos[pos].unsqueeze(-3), self.rotary_sin[pos].unsqueeze(-3)
         else:
-            pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)  # (T,)
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for block in self.transformer.h:

@@ -1,0 +1,224 @@
+"""
+Continuous batching: many texts decoded together by one forward pass per step, each joining when
+its request arrives and leaving when it is done. serve.py runs an Engine in a thread of its own:
+
+    engine = Engine(model, tokenizer)
+    threading.Thread(target=engine.run, daemon=True).start()
+    engine.submit([Row(tokenizer.encode("ROMEO:"), max_tokens=50, emit=print)])
+
+One step of the loop (Engine.step):
+1. rows whose client left are dropped; waiting rows join while there is room (max_rows);
+2. each new row's prompt, all but its last token, goes through the model into the row's own slot of
+   a RowKVCache (a prefill, one row at a time); a row whose slot is full is refilled the same way
+   with its last `keep` tokens, as generation.generate_stream does;
+3. one decode step for every row at once: each feeds its newest token at its own position;
+4. each row samples its next token with its own temperature, top-k/p and random stream, its text
+   is checked against its stop strings, and what is new is handed to its emit(); a finished row
+   leaves, and the last row moves into its slot, so the rows in use are always slots 0..n-1 and a
+   step's batch is a view of the cache, not a copy.
+Feeding the prompt's last token in the decode step rather than in the prefill keeps every row in
+that one batched call; its logits equal a whole-prompt prefill's to float rounding (~1e-6).
+"""
+
+import queue
+import traceback
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from generation import HALF_PRECISION_PREFILL, RowKVCache, sample_next
+
+
+@dataclass(eq=False)
+class Row:
+    """One text to generate. emit(event) is called from the engine's thread with a dict:
+    {'echo': [(id, logprob, top), ...], 'finish_reason': None} first, when echo is set: the prompt's
+        tokens, each
+        with its log-probability given the ones before (None for the first) and top, the
+        `logprobs` most likely tokens there ({id: logprob}, None for the first);
+    {'token': id, 'text': new text, 'logprob': lp, 'top': {id: lp}, 'finish_reason': None} for
+        each sampled token (logprob and top when `logprobs` is set: the model's own distribution,
+        before temperature and top-k/p), finish_reason 'stop' or 'length' on the last one;
+    {'error': message, 'finish_reason': 'error'} if the engine failed (the server goes on)."""
+    prompt: list  # token ids
+    max_tokens: int
+    emit: object  # callable
+    temperature: float = 1.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0  # token n (counting the prompt's) draws row_uniform(seed, n), as in sample.py
+    stop: tuple = ()  # strings that end the text; the text stops before the first one
+    stop_token: int | None = None  # a token that ends the text (a BPE's <|endoftext|>)
+    logprobs: int | None = None  # report each token's log-probability and this many top tokens
+    echo: bool = False  # report the prompt's log-probabilities too
+    cancelled: bool = False  # set from any thread (the client left): leaves at the next step
+    tokens: list = field(default_factory=list)  # prompt + sampled so far (the engine's)
+    fresh: bool = True  # not prefilled yet
+    sent: int = 0  # characters of the new text already emitted
+
+
+def held_back(text, stops):
+    """How many characters at the end of text to hold back: the longest end that could be the start
+    of a stop string, and an unfinished UTF-8 character (a BPE token may end inside one)."""
+    n = len(text) - len(text.rstrip('\ufffd'))
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                n = max(n, k)
+                break
+    return n
+
+
+class Engine:
+
+    def __init__(self, model, tokenizer, max_rows=32, autocast=None, keep=None):
+        self.model, self.tokenizer, self.max_rows = model, tokenizer, max_rows
+        self.block_size = model.config.block_size
+        self.keep = self.block_size // 2 if keep is None else keep
+        device_type = model.lm_head.weight.device.type
+        # dtypes as in generation.generate_stream: decode steps under autocast; prefills too, and a
+        # cache in autocast's dtype, only where half-precision matrix products are fast (GPUs)
+        self.autocast = autocast or nullcontext()  # reentered at every step
+        with self.autocast:
+            half = device_type in HALF_PRECISION_PREFILL and torch.is_autocast_enabled(device_type)
+            cache_dtype = torch.get_autocast_dtype(device_type) if half else None  # None: weights'
+        self.prefill_autocast = half
+        self.cache = RowKVCache(model, max_rows, cache_dtype)
+        self.device = model.lm_head.weight.device
+        self.waiting = queue.Queue()  # rows submitted, not yet in the batch; None stops run()
+        self.active = []  # the rows in the batch: active[i] is in slot i of the cache
+
+    def submit(self, rows):
+        """Queue rows for decoding (from any thread)."""
+        for row in rows:
+            row.tokens = list(row.prompt)
+            self.waiting.put(row)
+
+    def stop(self):
+        self.waiting.put(None)
+
+    def run(self):
+        """Decode until stop(): block while there is nothing to do, else step."""
+        while True:
+            if not self.active:
+                row = self.waiting.get()  # sleep until a row arrives
+                if row is None:
+                    return
+                self.waiting.put(row)  # the queue keeps its order: admitted in step()
+            try:
+                with torch.no_grad():
+                    self.step()
+            except Exception as e:  # a bug or out of memory: fail these rows, keep serving
+                traceback.print_exc()
+                for row in self.active:
+                    row.emit({'error': f"generation failed: {type(e).__name__}: {e}",
+                              'finish_reason': 'error'})
+                self.active = []
+
+    def remove(self, i):
+        """Free slot i: the last row moves into it, so the rows in use stay slots 0..n-1."""
+        last = len(self.active) - 1
+        if i != last:
+            self.cache.move(last, i)
+            self.active[i] = self.active[last]
+        self.active.pop()
+
+    def prefill(self, i, row):
+        """Put row's context but its last token into slot i: the prompt's last block_size tokens
+        for a new row, its last `keep` tokens for a full slot. Emits the echo when asked for."""
+        context = row.tokens[-(self.block_size if row.fresh else self.keep):]
+        self.cache.pos[i] = 0
+        if len(context) > 1:
+            x = torch.tensor([context[:-1]], device=self.device)  # (1, T - 1)
+            echo = row.fresh and row.echo
+            # targets only to get the logits of every position (the echo's), not just the last
+            y = torch.tensor([context[1:]], device=self.device) if echo else None
+            with self.autocast if self.prefill_autocast else torch.autocast(self.device.type,
+                                                                            enabled=False):
+                logits, _ = self.model(x, targets=y, cache=self.cache.rows(i, i + 1))
+        if row.fresh and row.echo:
+            echo = [(row.tokens[0], None, None)]
+            if len(context) > 1:
+                logp = F.log_softmax(logits[0].float(), dim=-1)  # (T - 1, vocab_size)
+                for t, token in enumerate(context[1:]):
+                    echo.append((token, logp[t, token].item(), self.top(logp[t], row.logprobs)))
+            row.emit({'echo': echo, 'finish_reason': None})
+        row.fresh = False
+
+    @staticmethod
+    def top(logp, k):
+        values, ids = logp.topk(k) if k else (logp[:0], logp[:0])
+        return dict(zip(ids.tolist(), values.tolist()))
+
+    def step(self):
+        """Admit, prefill, decode every row one token, sample, emit, retire."""
+        for i in reversed(range(len(self.active))):
+            if self.active[i].cancelled:
+                self.remove(i)
+        while len(self.active) < self.max_rows:
+            try:
+                row = self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            if row is None:  # stop(): leave it for run() to see once the batch is done
+                self.waiting.put(row)
+                break
+            if not row.cancelled:
+                self.active.append(row)
+        for i, row in enumerate(self.active):
+            if row.fresh or self.cache.pos[i] == self.block_size:
+                self.prefill(i, row)
+        n = len(self.active)
+        if n == 0:
+            return
+        x = torch.tensor([[row.tokens[-1]] for row in self.active], device=self.device)  # (n, 1)
+        with self.autocast:
+            logits, _ = self.model(x, cache=self.cache.rows(0, n))
+        logits = logits[:, -1, :]  # (n, vocab_size)
+
+        # sample: rows with the same settings together, each row on its own random stream
+        seeds = torch.tensor([row.seed for row in self.active], device=self.device)
+        steps = torch.tensor([len(row.tokens) for row in self.active], device=self.device)
+        next_ids = torch.empty(n, dtype=torch.long, device=self.device)
+        groups = {}
+        for i, row in enumerate(self.active):
+            groups.setdefault((row.temperature, row.top_k, row.top_p), []).append(i)
+        for (temperature, top_k, top_p), rows in groups.items():
+            rows = torch.tensor(rows, device=self.device)
+            next_ids[rows] = sample_next(logits[rows], temperature, top_k, top_p,
+                                         seeds=seeds[rows], step=steps[rows])
+        want = [i for i, row in enumerate(self.active) if row.logprobs is not None]
+        logp = F.log_softmax(logits[want].float(), dim=-1) if want else None
+
+        done = []
+        for i, (row, token) in enumerate(zip(self.active, next_ids.tolist())):
+            row.tokens.append(token)
+            new = row.tokens[len(row.prompt):]
+            event = {'token': token, 'finish_reason': None}
+            if row.logprobs is not None:
+                lp = logp[want.index(i)]
+                event.update(logprob=lp[token].item(), top=self.top(lp, row.logprobs))
+            if token == row.stop_token:
+                text, event['finish_reason'] = self.tokenizer.decode(new[:-1]), 'stop'
+            else:
+                text = self.tokenizer.decode(new)
+            cuts = [c for c in (text.find(s, max(0, row.sent - len(s))) for s in row.stop)
+                    if c >= 0]
+            if cuts:
+                text, event['finish_reason'] = text[:min(cuts)], 'stop'
+            elif event['finish_reason'] is None and len(new) >= row.max_tokens:
+                event['finish_reason'] = 'length'
+            end = len(text) if event['finish_reason'] else len(text) - held_back(text, row.stop)
+            event['text'] = text[row.sent:end]
+            row.sent = max(row.sent, end)
+            row.emit(event)
+            if event['finish_reason']:
+                done.append(i)
+        for i in reversed(done):
+            self.remove(i)
+
+    def load(self):
+        """Rows decoding and rows waiting (approximately: other threads may be submitting)."""
+        return len(self.active), self.waiting.qsize()

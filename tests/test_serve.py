@@ -1,0 +1,343 @@
+"""Serving: rows at their own positions compute what each would alone, the engine batches them
+without changing their text, and serve.py answers OpenAI's clients (the real `openai` package, a
+real browser) with sample.py's text and the model's own log-probabilities."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import REPO, tiny_gpt, tiny_train_config
+from engine import Engine, Row
+from generation import RowKVCache, generate
+from tokenizer import Tokenizer
+
+
+@pytest.mark.parametrize('rotary', [False, True])
+def test_rows_at_their_own_positions_get_the_logits_each_would_get_alone(rotary):
+    model = tiny_gpt(weight_scale=3, rotary=rotary).eval()
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, 65, (1, 9), generator=g), torch.randint(0, 65, (1, 4), generator=g)
+    with torch.no_grad():
+        ref_a, _ = model(a, targets=a)  # (1, 9, vocab): every position's logits, no cache
+        ref_b, _ = model(b, targets=b)
+        cache = RowKVCache(model, 3)
+        # row 0 prefilled with 5 tokens, row 1 with 2: then both decode together, out of step
+        la, _ = model(a[:, :5], targets=a[:, :5], cache=cache.rows(0, 1))
+        lb, _ = model(b[:, :2], targets=b[:, :2], cache=cache.rows(1, 2))
+        assert (la - ref_a[:, :5]).abs().max() < 1e-5 and (lb - ref_b[:, :2]).abs().max() < 1e-5
+        for i in range(2):
+            logits, _ = model(torch.stack([a[0, 5 + i], b[0, 2 + i]])[:, None],
+                              cache=cache.rows(0, 2))
+            assert cache.pos.tolist() == [6 + i, 3 + i, 0]
+            assert (logits[0, 0] - ref_a[0, 5 + i]).abs().max() < 1e-5
+            assert (logits[1, 0] - ref_b[0, 2 + i]).abs().max() < 1e-5
+
+
+def run_engine(engine, batches, pause=0.05):
+    """Submit each batch of rows a little after the one before; return each row's events."""
+    events = {}
+    done = threading.Semaphore(0)
+    for rows in batches:
+        for row in rows:
+            def emit(ev, row=row):
+                events.setdefault(id(row), []).append(ev)
+                if ev['finish_reason']:
+                    done.release()
+            row.emit = emit
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    for rows in batches:
+        engine.submit(rows)
+        time.sleep(pause)
+    for _ in range(sum(map(len, batches))):
+        assert done.acquire(timeout=30)
+    engine.stop()
+    thread.join(5)
+    assert not thread.is_alive()
+    return events
+
+
+def test_rows_joining_a_running_batch_get_the_text_they_would_get_alone():
+    """Greedy and seeded rows, joining at different steps, with prompts of 1 to 18 tokens past
+    block_size 16 (cropped, then refilled): each gets generate()'s tokens for it alone."""
+    model = tiny_gpt(weight_scale=3).eval()
+    tokenizer = Tokenizer({'kind': 'char', 'chars': ''.join(chr(65 + i) for i in range(65))})
+    prompts = [[1, 2, 3], [5], list(range(7, 25)), [4, 4, 4, 4], [9, 9]]
+    rows = [Row(p, 40, None, temperature=0 if j % 2 == 0 else 0.9, top_k=None if j < 3 else 20,
+                seed=5 + j) for j, p in enumerate(prompts)]
+    engine = Engine(model, tokenizer, max_rows=3)  # fewer rows than requests: some wait
+    events = run_engine(engine, [rows[:2], rows[2:]])
+    for row in rows:
+        evs = events[id(row)]
+        ref = generate(model, torch.tensor([row.prompt]), 40, temperature=row.temperature,
+                       top_k=row.top_k, seeds=torch.tensor([row.seed]))[0, len(row.prompt):]
+        assert [e['token'] for e in evs] == ref.tolist()
+        assert ''.join(e['text'] for e in evs) == tokenizer.decode(ref.tolist())
+        assert [e['finish_reason'] for e in evs] == [None] * 39 + ['length']
+    assert engine.load() == (0, 0)
+
+
+def test_a_stop_string_ends_the_text_before_it_and_is_never_streamed():
+    model = tiny_gpt(weight_scale=3).eval()
+    tokenizer = Tokenizer({'kind': 'char', 'chars': ''.join(chr(65 + i) for i in range(65))})
+    alone = generate(model, torch.tensor([[3]]), 30, temperature=0)[0, 1:].tolist()
+    alone = tokenizer.decode(alone)
+    stop = alone[10:13]
+    row = Row([3], 30, None, temperature=0, stop=('not in it', stop))
+    evs = run_engine(Engine(model, tokenizer), [[row]])[id(row)]
+    assert ''.join(e['text'] for e in evs) == alone[:alone.find(stop)]
+    assert evs[-1]['finish_reason'] == 'stop' and len(evs) == alone.find(stop) + 3
+
+
+# ---- the server, started as a user would, and the clients people use -------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, char_data):
+    from train import main as train
+    out = tmp_path_factory.mktemp('serve_run')
+    train(tiny_train_config(out, char_data, max_iters=30, block_size=64))
+    return str(out)
+
+
+@pytest.fixture(scope='module')
+def server(trained):
+    """serve.py on a free port of 127.0.0.1; stopped at the end of the module."""
+    pytest.importorskip('fastapi', reason='pip install fastapi uvicorn')
+    httpx = pytest.importorskip('httpx')
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, 'serve.py', f'--out_dir={trained}', f'--port={port}',
+                             '--device=cpu', '--dtype=float32', '--max_n=4', '--max_tokens=500',
+                             '--max_rows=8'], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f'http://127.0.0.1:{port}'
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                pytest.fail(f"serve.py exited: {proc.stdout.read()}")
+            try:
+                if httpx.get(url + '/health').status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def client(server):
+    openai = pytest.importorskip('openai')
+    return openai.OpenAI(base_url=server + '/v1', api_key='none', max_retries=0)
+
+
+def greedy(out_dir, prompt, n):
+    """sample.py's greedy text after prompt, in fp32."""
+    from sample import SampleConfig
+    from sample import main as sample
+    text = sample(SampleConfig(out_dir=out_dir, start=prompt, num_samples=1, max_new_tokens=n,
+                               temperature=0.0, device='cpu', dtype='float32'))[0]
+    return text[len(prompt):]
+
+
+@pytest.mark.slow
+def test_completions_streamed_or_not_are_sample_pys_greedy_text(client, trained):
+    name = os.path.basename(trained)
+    assert [m.id for m in client.models.list().data] == [name]
+    # 100 tokens: past block_size 64, so the server's refill is sample.py's too
+    expected = greedy(trained, 'ROMEO:', 100)
+    r = client.completions.create(model=name, prompt='ROMEO:', max_tokens=100, temperature=0)
+    assert r.choices[0].text == expected and r.choices[0].finish_reason == 'length'
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (6, 100)
+    chunks = list(client.completions.create(model=name, prompt='ROMEO:', max_tokens=100,
+                                            temperature=0, stream=True))
+    assert len(chunks) == 100  # one per token
+    assert ''.join(c.choices[0].text for c in chunks) == expected
+    # a list of prompts and n: choice p * n + j; seeded rows are sample.py's seed + j
+    r = client.completions.create(model=name, prompt=['ROMEO:', 'JULIET:'], n=2, max_tokens=20,
+                                  temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    juliet = greedy(trained, 'JULIET:', 20)
+    assert [c.text for c in r.choices] == [expected[:20]] * 2 + [juliet] * 2
+
+
+@pytest.mark.slow
+def test_seeded_sampling_is_sample_pys_text_for_that_seed(client, trained):
+    from sample import SampleConfig
+    from sample import main as sample
+    name = os.path.basename(trained)
+    r = client.completions.create(model=name, prompt=['ROMEO:'], n=2, max_tokens=30,
+                                  temperature=0.8, seed=7, extra_body={'top_k': 10})
+    for j, choice in enumerate(r.choices):
+        text = sample(SampleConfig(out_dir=trained, start='ROMEO:', num_samples=1,
+                                   max_new_tokens=30, temperature=0.8, top_k=10, seed=7 + j,
+                                   device='cpu', dtype='float32'))[0]
+        assert choice.text == text[len('ROMEO:'):]
+
+
+@pytest.mark.slow
+def test_chat_completions_are_the_template_continued(client, trained):
+    from serve import CHAT_STOP
+    name = os.path.basename(trained)
+    messages = [{'role': 'system', 'content': 'Speak as a Roman.'},
+                {'role': 'user', 'content': 'Who goes there?'}]
+    prompt = 'System: Speak as a Roman.\nUser: Who goes there?\nAssistant:'
+    expected = greedy(trained, prompt, 60)
+    expected = expected[:expected.find(CHAT_STOP)] if CHAT_STOP in expected else expected
+    r = client.chat.completions.create(model=name, messages=messages, max_tokens=60,
+                                       temperature=0)
+    assert r.choices[0].message.role == 'assistant'
+    assert r.choices[0].message.content == expected
+    chunks = list(client.chat.completions.create(model=name, messages=messages, max_tokens=60,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == 'assistant'
+    assert ''.join(c.choices[0].delta.content or '' for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason in ('stop', 'length')
+
+
+@pytest.mark.slow
+def test_echo_logprobs_are_the_models_own_log_softmax(client, trained):
+    """What lm-evaluation-harness's local-completions asks for to score a continuation."""
+    from checkpoint import load_model
+    model, tokenizer, _ = load_model('resume', trained)
+    prompt = 'First Citizen:\nBefore we proceed any further, hear me speak.'
+    ids = tokenizer.encode(prompt)
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        logits, _ = model(x, targets=x)  # (1, T, vocab): every position's
+        logp = F.log_softmax(logits[0], dim=-1)
+    for p in (prompt, ids):  # text, or token ids as lm-eval sends by default
+        r = client.completions.create(model=os.path.basename(trained), prompt=p, max_tokens=1,
+                                      temperature=0, echo=True, logprobs=3)
+        lp = r.choices[0].logprobs
+        assert r.choices[0].text.startswith(prompt) and len(lp.tokens) == len(ids) + 1
+        assert ''.join(lp.tokens[:-1]) == prompt and lp.token_logprobs[0] is None
+        expected = logp[torch.arange(len(ids) - 1), ids[1:]]
+        assert torch.allclose(torch.tensor(lp.token_logprobs[1:-1]), expected, atol=1e-5)
+        assert lp.token_logprobs[-1] == pytest.approx(logp[-1].max().item(), abs=1e-5)  # greedy
+        top = lp.top_logprobs[6]  # the 3 most likely tokens after the prompt's first 6
+        assert sorted(top.values(), reverse=True) == pytest.approx(
+            logp[5].topk(3).values.tolist(), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_bad_requests_get_400_with_a_readable_message_and_the_server_keeps_answering(client,
+                                                                                       server,
+                                                                                       trained):
+    import httpx
+    import openai
+    name = os.path.basename(trained)
+    bad = [(dict(model='gpt-4', prompt='a'), "'gpt-4' is not served here"),
+           (dict(model=name, prompt='a', max_tokens=0), 'max_tokens must be between 1 and 500'),
+           (dict(model=name, prompt='a', max_tokens=501), 'max_tokens must be between 1 and 500'),
+           (dict(model=name, prompt='héllo €'), "characters not in the model's vocabulary"),
+           (dict(model=name, prompt='a' * 65), 'more than this server allows (64)'),
+           (dict(model=name, prompt='a', n=5), 'more than this server allows per request (4)'),
+           (dict(model=name, prompt=[70000]), 'outside the vocabulary'),
+           (dict(model=name, prompt=''), 'the prompt is empty'),
+           (dict(model=name, prompt='a', temperature=-1), 'temperature')]
+    for kwargs, message in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**kwargs)
+        assert e.value.status_code == 400 and message in e.value.body['message'], kwargs
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=name, messages=[{'role': 'user', 'content': '€'}])
+    assert "characters not in the model's vocabulary" in e.value.body['message']
+    r = httpx.post(server + '/v1/completions', content=b'{"model": "x", "prompt": ',
+                   headers={'Content-Type': 'application/json'})
+    assert r.status_code == 400 and 'not valid JSON' in r.json()['error']['message']
+    # still serving
+    assert client.completions.create(model=name, prompt='a', max_tokens=3).choices[0].text
+
+
+@pytest.mark.slow
+def test_concurrent_clients_get_their_own_text_and_a_leaving_client_frees_its_row(client, server,
+                                                                                  trained):
+    import httpx
+    name = os.path.basename(trained)
+    prompts = ['ROMEO:', 'JULIET:', 'First Citizen:', 'KING HENRY', 'O']
+    expected = {p: greedy(trained, p, 80) for p in prompts}
+    got = {}
+    # a client that leaves after two tokens of a long text
+    body = {'model': name, 'prompt': 'MENENIUS:', 'max_tokens': 500, 'stream': True}
+    with httpx.stream('POST', server + '/v1/completions', json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith('data: ')
+
+    def ask(p):
+        chunks = client.completions.create(model=name, prompt=p, max_tokens=80, temperature=0,
+                                           stream=True)
+        got[p] = ''.join(c.choices[0].text for c in chunks)
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == expected
+    for _ in range(50):  # the engine notices at its next step; nothing else is running
+        health = httpx.get(server + '/health').json()
+        if health['rows'] == 0:
+            break
+        time.sleep(0.1)
+    assert health == {'status': 'ok', 'rows': 0, 'waiting': 0}
+
+
+@pytest.mark.slow
+def test_the_playground_streams_text_into_the_page(server):
+    """In headless Chromium: type a prompt, press Generate, see the text grow as it streams."""
+    webdriver = pytest.importorskip('selenium.webdriver', reason='pip install selenium')
+    if not (shutil.which('chromium') or shutil.which('chromium-browser')) or not shutil.which(
+            'chromedriver'):
+        pytest.skip("no Chromium/chromedriver: apt-get install chromium chromium-driver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    options = webdriver.ChromeOptions()
+    for arg in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage'):
+        options.add_argument(arg)
+    service = webdriver.ChromeService(executable_path=shutil.which('chromedriver'))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        driver.get(server + '/')
+        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, 'model').text)
+        box = driver.find_element(By.ID, 'prompt')
+        box.clear()
+        box.send_keys('JULIET:')
+        steps = driver.find_element(By.ID, 'max_tokens')
+        steps.clear()
+        steps.send_keys('400')
+        driver.find_element(By.ID, 'generate').click()
+        output = driver.find_element(By.ID, 'output')
+        seen = set()  # the output's lengths, polled until the button is enabled again (done)
+        WebDriverWait(driver, 60, poll_frequency=0.02).until(
+            lambda d: seen.add(len(output.text)) or d.find_element(By.ID, 'generate').is_enabled())
+        # lengths in between: the text arrived in pieces, not all at once
+        assert len([n for n in seen if len('JULIET:') < n < len(output.text)]) >= 2
+        assert output.text.startswith('JULIET:') and len(output.text) > len('JULIET:') + 200
+        assert '400 tokens' in driver.find_element(By.ID, 'stats').text
+    finally:
+        driver.quit()
+
+
+def test_the_chat_template_is_one_role_line_per_message():
+    pytest.importorskip('fastapi')
+    from serve import Message, chat_prompt
+    msgs = [Message(role='system', content='Be brief.'),
+            Message(role='user', content=[{'type': 'text', 'text': 'Hi'}]),
+            Message(role='assistant', content='Hello.'), Message(role='user', content='Bye')]
+    assert chat_prompt(msgs) == ('System: Be brief.\nUser: Hi\nAssistant: Hello.\nUser: Bye\n'
+                                 'Assistant:')
+
