@@ -5,12 +5,18 @@ token, character and byte, and BLEU of generated continuations against the real 
     python eval.py --out_dir=out-shakespeare-char-cpu  # best.pt, on the val split of its dataset
     python eval.py --out_dir=out-shakespeare-char --ckpt=ckpt.pt --split=train --max_tokens=100000
     python eval.py --init_from=gpt2 --dataset=openwebtext --out_dir=out-eval-gpt2 --bleu_samples=0
+    python eval.py --out_dir=out-shakespeare --task=hellaswag  # multiple choice, not the above
+    python eval.py --init_from=gpt2 --out_dir=out-eval-gpt2 --mc_file=my_set.jsonl
 
 Prints a table and writes it as JSON to out_dir/eval_<checkpoint>_<split>.json; checkpoints are
 only read. The loss slides a window of block_size tokens over the split, `stride` tokens at a time,
 so that every token but the first is scored exactly once, with block_size - stride + 1 to block_size
 tokens of context (the first window's tokens with what precedes them). Unlike train.py's estimate
 on a few random batches, the result is exact and the same on every run and for any batch_size.
+
+With --task or --mc_file it scores a multiple-choice set instead (multiple_choice.py: acc and
+acc_norm, as lm-evaluation-harness does) and writes out_dir/eval_<checkpoint>_<task>.json.
+HellaSwag's file comes from `python data/hellaswag/prepare.py`.
 """
 
 import json
@@ -28,6 +34,10 @@ from dataset import get_windows, open_dataset
 from device import setup
 from errors import UserError
 from generation import generate
+from multiple_choice import load_items, score
+
+TASKS = {'hellaswag': os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                   'data', 'hellaswag', 'val.jsonl')}
 
 
 @dataclass
@@ -54,6 +64,10 @@ class EvalConfig:
     temperature: float = 0.0
     top_k: int | None = None  # when sampling, only among the k most likely tokens; None for all
     seed: int = 1337  # draws the prompts (and the samples when temperature > 0)
+    # multiple choice: either replaces the loss and BLEU
+    task: str = ''  # 'hellaswag' (data/hellaswag/val.jsonl, see its prepare.py)
+    mc_file: str = ''  # or any multiple-choice JSONL file (format in multiple_choice.py)
+    mc_items: int = 0  # score only the first mc_items items (quick runs); 0 = all
     # system
     device: str = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
     # float32 for exact figures; 'bfloat16' is faster on GPUs (logits are still scored in fp32)
@@ -73,7 +87,14 @@ def check_config(cfg):
         raise UserError(f"temperature must be 0 or more, got {cfg.temperature}")
     if cfg.top_k is not None and cfg.top_k <= 0:
         raise UserError(f"top_k must be positive or None, got {cfg.top_k}")
-    if cfg.init_from != 'resume' and not (cfg.dataset or cfg.data_dir):
+    if cfg.task and cfg.task not in TASKS:
+        raise UserError(f"unknown task {cfg.task!r}: one of {', '.join(TASKS)}, "
+                        "or --mc_file=FILE.jsonl for your own")
+    if cfg.task and cfg.mc_file:
+        raise UserError("give --task or --mc_file, not both")
+    if cfg.mc_items < 0:
+        raise UserError(f"mc_items must be zero or more, got {cfg.mc_items}")
+    if cfg.init_from != 'resume' and not (cfg.dataset or cfg.data_dir or cfg.task or cfg.mc_file):
         raise UserError(f"say which data to evaluate {cfg.init_from} on: "
                         "--dataset=NAME (a folder under data/) or --data_dir=DIR")
 
@@ -206,8 +227,53 @@ def write_json(obj, path):
     os.replace(tmp, path)
 
 
+def multiple_choice(cfg, model, tokenizer, name, device, ctx):
+    """Score a multiple-choice set; its results as a dict, written as JSON like the loss's."""
+    path = TASKS.get(cfg.task, cfg.mc_file)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found" + (": run `python data/hellaswag/prepare.py` first"
+                                               if cfg.task == 'hellaswag' else ""))
+    items = load_items(path)[:cfg.mc_items or None]
+    task = cfg.task or os.path.splitext(os.path.basename(path))[0]
+    print(f"evaluating {name} ({model.get_num_params() / 1e6:.2f}M parameters) on {task}: "
+          f"{len(items):,} items, {sum(len(it['endings']) for it in items):,} endings, "
+          f"{device}, {cfg.dtype}")
+    bar = progress_bar(total=sum(len(it['endings']) for it in items), unit='ending', desc=task)
+    results = score(model, tokenizer, items, cfg.batch_size, device, ctx, bar)
+    bar.close()
+    if results['skipped']:
+        print(f"skipped {results['skipped']:,} of {len(items):,} items: {task} needs text the "
+              f"model's vocabulary ({describe(tokenizer.spec)}) covers, and endings that fit its "
+              f"context of {model.config.block_size} tokens")
+    n = results['scored']
+    chance = sum(1 / len(it['endings']) for it in items) / len(items)
+    print(f"{'acc':<9} {results['acc']:.4f} ± {results['acc_stderr']:.4f}  (summed log-prob)\n"
+          f"{'acc_norm':<9} {results['acc_norm']:.4f} ± {results['acc_norm_stderr']:.4f}  "
+          f"(log-prob per character of the ending)\n"
+          f"on {n:,} items (chance: {chance:.4f})")
+    results = {'model': name, 'task': task, 'file': path, **results, 'config': asdict(cfg)}
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    out = os.path.join(cfg.out_dir, f'eval_{tag_of(cfg)}_{task}.json')
+    write_json(results, out)
+    print(f"results written to {out}")
+    return results
+
+
+def tag_of(cfg):
+    """What the JSON's name says was evaluated: the checkpoint's name, or the GPT-2's."""
+    return os.path.splitext(os.path.basename(cfg.ckpt))[0] if cfg.init_from == 'resume' else \
+        os.path.basename(os.path.normpath(cfg.init_from))
+
+
 def main(cfg):
     check_config(cfg)
+    if cfg.task or cfg.mc_file:
+        dev = setup(cfg.device, cfg.dtype)
+        model, tokenizer, ckpt = load_model(cfg.init_from, cfg.out_dir, cfg.ckpt)
+        model.to(dev.device)
+        name = os.path.join(cfg.out_dir, cfg.ckpt) if ckpt else cfg.init_from
+        return multiple_choice(replace(cfg, device=dev.device, dtype=dev.dtype), model, tokenizer,
+                               name, dev.device, dev.autocast)
     if cfg.bleu_samples:
         import_sacrebleu()  # fail now rather than after the whole split
     dev = setup(cfg.device, cfg.dtype)
@@ -296,9 +362,7 @@ def main(cfg):
               f"generated:\n{example['generation']}")
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    tag = os.path.splitext(os.path.basename(cfg.ckpt))[0] if cfg.init_from == 'resume' else \
-        os.path.basename(os.path.normpath(cfg.init_from))
-    path = os.path.join(cfg.out_dir, f'eval_{tag}_{cfg.split}.json')
+    path = os.path.join(cfg.out_dir, f'eval_{tag_of(cfg)}_{cfg.split}.json')
     write_json(results, path)
     print(f"results written to {path}")
     return results

@@ -1,15 +1,17 @@
 r"""
-Export a checkpoint to a Hugging Face GPT-2 folder (config.json + model.safetensors), so a model
-trained here runs in transformers, its pipelines, lm-evaluation-harness and the rest of that
-ecosystem.
+Export a checkpoint to a self-contained Hugging Face GPT-2 folder (config.json, model.safetensors
+and the tokenizer's files), so a model trained here runs in transformers, its pipelines,
+lm-evaluation-harness and the rest of that ecosystem, with no network.
 
     python export_hf.py --out_dir=out-shakespeare --hf_dir=hf-shakespeare
     python -c "from transformers import pipeline; \
-        generate = pipeline('text-generation', model='hf-shakespeare', tokenizer='gpt2'); \
-        print(generate('ROMEO:')[0]['generated_text'])"
+        generate = pipeline('text-generation', model='hf-shakespeare'); \
+        print(generate('ROMEO:', max_new_tokens=50)[0]['generated_text'])"
 
-Needs `pip install safetensors` (and transformers to load the result). The folder holds no tokenizer
-files: for a GPT-2 BPE model use GPT-2's own tokenizer (tokenizer='gpt2'), as above.
+Needs `pip install safetensors` (and transformers, with tokenizers, to load the result). A GPT-2 BPE
+model gets GPT-2's vocab.json and merges.txt, made offline from tiktoken's vocabulary; a
+character-level one a tokenizer.json with one token per character. Both encode and decode exactly
+as our tokenizer does (tests/test_benchmarks.py checks it on all of tiny Shakespeare).
 """
 
 import os
@@ -32,11 +34,10 @@ def main(cfg):
     # recorded in config.json, as trained
     model.config.dropout = ckpt['model_args'].get('dropout', 0.0)
     hf_dir = cfg.hf_dir or os.path.join(cfg.out_dir, 'hf')
-    # eos: 50256 for GPT-2's BPE; None for a character vocabulary
-    export_hf(model, hf_dir, eos_token_id=tokenizer.eot_token)
+    export_hf(model, hf_dir, tokenizer)
     print(f"wrote {hf_dir}: {model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, "
           f"vocabulary {ckpt['vocab']['kind']}; "
-          f"load it with transformers.GPT2LMHeadModel.from_pretrained('{hf_dir}')")
+          f"load it with transformers' pipeline('text-generation', model='{hf_dir}')")
     return hf_dir
 
 

@@ -4,6 +4,7 @@ mapped onto model.GPT and back.
 """
 
 import json
+import math
 import os
 
 import torch
@@ -59,17 +60,19 @@ def from_pretrained(name_or_path, dropout=None):
     return GPT.from_state_dict(config, {k: v.contiguous() for k, v in sd_hf.items()})
 
 
-def export_hf(model, folder, eos_token_id=None):
+def export_hf(model, folder, tokenizer=None):
     """Write a model as a Hugging Face GPT-2 folder (config.json + model.safetensors) that
     transformers.GPT2LMHeadModel.from_pretrained loads: the inverse of from_pretrained. A model
-    without biases gets zero biases, which compute the same function. eos_token_id is the
-    vocabulary's end-of-text token (50256 in GPT-2's BPE), or None when it has none."""
+    without biases gets zero biases, which compute the same function. With a tokenizer
+    (tokenizer.Tokenizer) its files are written too, so the folder is all transformers needs, and
+    its end-of-text token (50256 in GPT-2's BPE; none in a character vocabulary) is the eos."""
     try:
         from safetensors.torch import save_file
     except ImportError:
         raise UserError("exporting to Hugging Face needs safetensors: "
                         "pip install safetensors") from None
     c = model.config
+    eos_token_id = tokenizer.eot_token if tokenizer is not None else None
     if not c.is_gpt2():
         raise UserError("only GPT-2's architecture exports to a Hugging Face GPT-2 folder: "
                         f"this model has one of {', '.join(MODERN_SWITCHES)} "
@@ -91,7 +94,82 @@ def export_hf(model, folder, eos_token_id=None):
         'resid_pdrop': c.dropout, 'embd_pdrop': c.dropout, 'attn_pdrop': c.dropout,
         'initializer_range': 0.02, 'tie_word_embeddings': True,
         'bos_token_id': eos_token_id, 'eos_token_id': eos_token_id}
+    if tokenizer is not None:
+        write_tokenizer(tokenizer, folder, c.block_size)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, 'config.json'), 'w') as f:
         json.dump(hf_config, f, indent=2)
     save_file(tensors, os.path.join(folder, 'model.safetensors'), metadata={'format': 'pt'})
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenizer files, so that an exported folder is all transformers (and lm-evaluation-harness) need
+
+def bytes_to_unicode():
+    """GPT-2's printable stand-in for each byte (from OpenAI's encoder.py): vocab.json and
+    merges.txt are text, so each byte of a token is written as one visible character. Printable
+    Latin-1 bytes stand for themselves; the other 68 map to code points 256 and up, in order."""
+    bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) \
+        + list(range(ord('®'), ord('ÿ') + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def bpe_merges(ranks):
+    """The merges of a byte-level BPE, in order, recovered from its token ranks (tiktoken keeps
+    only those): a token of rank r was made by the merge that BPE with the merges below r leaves
+    as the last one, i.e. applying merges of rank < r to its bytes ends in exactly two parts."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(a + b, math.inf) for a, b in zip(parts[:-1], parts[1:])]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def write_tokenizer(tokenizer, folder, block_size):
+    """The tokenizer files of a vocabulary (tokenizer.Tokenizer), read by transformers'
+    AutoTokenizer: GPT-2's vocab.json + merges.txt made from tiktoken's ranks, or for a character
+    vocabulary a tokenizer.json mapping each character to its id (no normalisation, no spaces added
+    or removed on decode). Both encode and decode exactly as `tokenizer` does."""
+    os.makedirs(folder, exist_ok=True)
+    if tokenizer.spec['kind'] == 'tiktoken':
+        if tokenizer.spec['encoding'] != 'r50k_base':
+            raise UserError(f"only GPT-2's BPE (r50k_base) exports as tokenizer files, "
+                            f"not {tokenizer.spec['encoding']}")
+        ranks = tokenizer.enc._mergeable_ranks  # bytes -> id, the BPE's whole vocabulary
+        b2u = bytes_to_unicode()
+        text = lambda b: ''.join(b2u[x] for x in b)  # noqa: E731
+        vocab = {text(b): i for b, i in ranks.items()} | {'<|endoftext|>': tokenizer.eot_token}
+        with open(os.path.join(folder, 'vocab.json'), 'w', encoding='utf-8') as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        with open(os.path.join(folder, 'merges.txt'), 'w', encoding='utf-8') as f:
+            f.write('#version: 0.2\n')
+            f.writelines(f'{text(a)} {text(b)}\n' for a, b in bpe_merges(ranks))
+        config = {'tokenizer_class': 'GPT2Tokenizer', 'bos_token': '<|endoftext|>',
+                  'eos_token': '<|endoftext|>', 'unk_token': '<|endoftext|>',
+                  'add_prefix_space': False}
+    else:
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+        tok = HFTokenizer(models.WordLevel({c: i for i, c in enumerate(tokenizer.chars)}))
+        # every character its own piece, newlines and spaces included; decode joins them as they are
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r'[\s\S]'), behavior='isolated')
+        tok.decoder = decoders.Fuse()
+        tok.save(os.path.join(folder, 'tokenizer.json'))
+        config = {'tokenizer_class': 'PreTrainedTokenizerFast'}
+    # model_max_length: the model's context, which lm-evaluation-harness and pipelines respect
+    config |= {'model_max_length': block_size, 'clean_up_tokenization_spaces': False}
+    with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
