@@ -38,8 +38,7 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-
-class RowKVCache:
+class RowKVCache(KVCache):
     """A KV cache whose rows are at positions of their own, for continuous batching (engine.py): a
     row can start a new text while the others go on with theirs, so that one forward pass decodes
     every row. pos is a (B,) tensor: row b's next token goes to position pos[b] (GPT.forward reads
@@ -47,14 +46,10 @@ class RowKVCache:
     earlier text; attention masks them out (self.mask, set for each forward by insert)."""
 
     def __init__(self, model, batch_size, dtype=None):
-        cfg, w = model.config, model.lm_head.weight
-        shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
-        dtype = dtype or w.dtype
-        # zeros, not empty: a masked key still enters q k^T, and a NaN there would survive the mask
-        self.k = [torch.zeros(shape, dtype=dtype, device=w.device) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=w.device) for _ in range(cfg.n_layer)]
-        self.pos = torch.zeros(batch_size, dtype=torch.long, device=w.device)
-        self.mask = None
+        super().__init__(model, batch_size, dtype)
+        for buf in (*self.k, *self.v):
+            buf.zero_()  # a masked key still enters q k^T, and a NaN there would survive the mask
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.k[0].device)
 
     def rows(self, start, stop):
         """The rows start..stop-1 as a cache of their own: views of these buffers, no copies."""

@@ -181,14 +181,20 @@ def test_eval_scores_a_multiple_choice_file_and_writes_json(char_run, shakespear
 # --------------------------------------------------------------------------------------------------
 # exported tokenizers
 
+def exported_round_trip(tokenizer, text, folder, block_size):
+    """The exported tokenizer, loaded by transformers, after checking it encodes text to our ids
+    and decodes them back to the text."""
+    from transformers import AutoTokenizer
+    write_tokenizer(tokenizer, folder, block_size=block_size)
+    hf = AutoTokenizer.from_pretrained(folder)
+    ids = hf(text)['input_ids']
+    assert ids == tokenizer.encode(text) and hf.decode(ids) == text
+    return hf
+
+
 def test_exported_char_tokenizer_round_trips_all_of_shakespeare(char_tokenizer, shakespeare_text,
                                                                 tmp_path):
-    from transformers import AutoTokenizer
-    write_tokenizer(char_tokenizer, tmp_path, block_size=64)
-    hf = AutoTokenizer.from_pretrained(tmp_path)
-    ids = hf(shakespeare_text)['input_ids']
-    assert ids == char_tokenizer.encode(shakespeare_text)
-    assert hf.decode(ids) == shakespeare_text
+    hf = exported_round_trip(char_tokenizer, shakespeare_text, tmp_path, block_size=64)
     for c in char_tokenizer.chars:  # each character alone, spaces and newlines included
         assert hf.encode(c) == char_tokenizer.encode(c) and hf.decode(hf.encode(c)) == c
 
@@ -196,12 +202,7 @@ def test_exported_char_tokenizer_round_trips_all_of_shakespeare(char_tokenizer, 
 @pytest.mark.slow
 def test_exported_gpt2_bpe_matches_tiktoken_ids_on_all_of_shakespeare(gpt2_bpe, shakespeare_text,
                                                                       tmp_path):
-    from transformers import AutoTokenizer
-    write_tokenizer(gpt2_bpe, tmp_path, block_size=1024)
-    hf = AutoTokenizer.from_pretrained(tmp_path)
-    ids = hf(shakespeare_text)['input_ids']
-    assert ids == gpt2_bpe.encode(shakespeare_text)
-    assert hf.decode(ids) == shakespeare_text
+    hf = exported_round_trip(gpt2_bpe, shakespeare_text, tmp_path, block_size=1024)
     # bytes beyond ASCII, split across tokens, and the end-of-text token
     odd = 'caf\u00e9 \u65e5\u672c \U0001f389<|endoftext|>  x'
     assert hf.encode(odd) == gpt2_bpe.encode(odd) and hf.decode(hf.encode(odd)) == odd
