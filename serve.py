@@ -119,6 +119,55 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = None  # the newer name of max_tokens
 
 
+async def events(engine, rows, request):
+    """(choice index, event) from the engine until every row has finished; rows whose
+    client has gone are cancelled, which frees them at the engine's next step."""
+    loop, q = asyncio.get_running_loop(), asyncio.Queue()
+    for i, row in enumerate(rows):
+        row.emit = lambda event, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, event))
+    engine.submit(rows)
+    left = len(rows)
+    try:
+        while left:
+            try:
+                i, event = await asyncio.wait_for(q.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            left -= event['finish_reason'] is not None
+            yield i, event
+    finally:
+        for row in rows:
+            row.cancelled = True  # nothing for rows already done
+
+
+def logprobs_of(tokenizer, tokens, offset):
+    """OpenAI's logprobs object from (id, logprob, top) triples."""
+    out = {'tokens': [], 'token_logprobs': [], 'top_logprobs': [], 'text_offset': []}
+    for token, lp, top in tokens:
+        text = tokenizer.decode([token])
+        out['tokens'].append(text)
+        out['token_logprobs'].append(lp)
+        out['top_logprobs'].append(None if top is None else
+                                   {tokenizer.decode([t]): v for t, v in top.items()})
+        out['text_offset'].append(offset)
+        offset += len(text)
+    return out
+
+
+def sse(obj):  # one server-sent event
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def usage(rows):
+    # each prompt once, however many rows (n) it has
+    prompt = sum(len(p) for p in {id(r.prompt): r.prompt for r in rows}.values())
+    completion = sum(len(r.tokens) - len(r.prompt) for r in rows)
+    return {'prompt_tokens': prompt, 'completion_tokens': completion,
+            'total_tokens': prompt + completion}
+
+
 def create_app(cfg, model, tokenizer, engine, model_id):
     app = FastAPI(title='nanogpt')
     block_size = model.config.block_size
@@ -179,44 +228,6 @@ def create_app(cfg, model, tokenizer, engine, model_id):
                     stop=tuple(stop), stop_token=tokenizer.eot_token, logprobs=logprobs,
                     echo=echo) for p in ids for j in range(req.n)]
 
-    async def events(rows, request):
-        """(choice index, event) from the engine until every row has finished; rows whose
-        client has gone are cancelled, which frees them at the engine's next step."""
-        loop, q = asyncio.get_running_loop(), asyncio.Queue()
-        for i, row in enumerate(rows):
-            row.emit = lambda event, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, event))
-        engine.submit(rows)
-        left = len(rows)
-        try:
-            while left:
-                try:
-                    i, event = await asyncio.wait_for(q.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
-                left -= event['finish_reason'] is not None
-                yield i, event
-        finally:
-            for row in rows:
-                row.cancelled = True  # nothing for rows already done
-
-    def logprobs_of(tokens, offset):
-        """OpenAI's logprobs object from (id, logprob, top) triples."""
-        out = {'tokens': [], 'token_logprobs': [], 'top_logprobs': [], 'text_offset': []}
-        for token, lp, top in tokens:
-            text = tokenizer.decode([token])
-            out['tokens'].append(text)
-            out['token_logprobs'].append(lp)
-            out['top_logprobs'].append(None if top is None else
-                                       {tokenizer.decode([t]): v for t, v in top.items()})
-            out['text_offset'].append(offset)
-            offset += len(text)
-        return out
-
-    def sse(obj):  # one server-sent event
-        return f"data: {json.dumps(obj)}\n\n"
-
     @app.get('/health')
     def health():
         active, waiting = engine.load()
@@ -244,17 +255,17 @@ def create_app(cfg, model, tokenizer, engine, model_id):
         finish = [None] * len(rows)
         if req.stream:
             async def stream():
-                async for i, ev in events(rows, request):
+                async for i, ev in events(engine, rows, request):
                     if 'echo' in ev:
                         continue  # streamed with the first token's chunk
                     text, lp = ev.get('text', ''), None
                     if req.logprobs is not None and 'token' in ev:
-                        lp = logprobs_of([(ev['token'], ev['logprob'], ev['top'])], 0)
+                        lp = logprobs_of(tokenizer, [(ev['token'], ev['logprob'], ev['top'])], 0)
                     yield sse({**head, 'choices': [{'index': i, 'text': text, 'logprobs': lp,
                                                     'finish_reason': ev['finish_reason']}]})
                 yield 'data: [DONE]\n\n'
             return StreamingResponse(stream(), media_type='text/event-stream')
-        async for i, ev in events(rows, request):
+        async for i, ev in events(engine, rows, request):
             if 'error' in ev:
                 return error_response(ev['error'], status=500)
             if 'echo' in ev:
@@ -265,16 +276,9 @@ def create_app(cfg, model, tokenizer, engine, model_id):
             finish[i] = ev['finish_reason']
         start = [0 if req.echo else len(tokenizer.decode(row.prompt)) for row in rows]
         choices = [{'index': i, 'text': texts[i], 'finish_reason': finish[i],
-                    'logprobs': None if req.logprobs is None else logprobs_of(lps[i], start[i])}
-                   for i in range(len(rows))]
+                    'logprobs': None if req.logprobs is None
+                    else logprobs_of(tokenizer, lps[i], start[i])} for i in range(len(rows))]
         return {**head, 'choices': choices, 'usage': usage(rows)}
-
-    def usage(rows):
-        # each prompt once, however many rows (n) it has
-        prompt = sum(len(p) for p in {id(r.prompt): r.prompt for r in rows}.values())
-        completion = sum(len(r.tokens) - len(r.prompt) for r in rows)
-        return {'prompt_tokens': prompt, 'completion_tokens': completion,
-                'total_tokens': prompt + completion}
 
     @app.post('/v1/chat/completions')
     async def chat(req: ChatRequest, request: Request):
@@ -291,14 +295,14 @@ def create_app(cfg, model, tokenizer, engine, model_id):
                     yield sse({**chunk, 'choices': [{'index': i, 'finish_reason': None,
                                                      'delta': {'role': 'assistant',
                                                                'content': ''}}]})
-                async for i, ev in events(rows, request):
+                async for i, ev in events(engine, rows, request):
                     delta = {'content': ev['text']} if ev.get('text') else {}
                     yield sse({**chunk, 'choices': [{'index': i, 'delta': delta,
                                                      'finish_reason': ev['finish_reason']}]})
                 yield 'data: [DONE]\n\n'
             return StreamingResponse(stream(), media_type='text/event-stream')
         texts, finish = [''] * len(rows), [None] * len(rows)
-        async for i, ev in events(rows, request):
+        async for i, ev in events(engine, rows, request):
             if 'error' in ev:
                 return error_response(ev['error'], status=500)
             texts[i] += ev['text']
