@@ -160,6 +160,7 @@ def test_a_bpe_model_from_scratch_trains_with_a_padded_vocabulary(padded_run):
                                    rtol=0, atol=0)
 
 
+@pytest.mark.slow  # a sample and two evaluations of a 50k-token model
 def test_padded_rows_are_never_sampled_and_change_no_evaluation(padded_run, bpe_data):
     import eval as eval_script
     import sample as sample_script
