@@ -36,7 +36,7 @@ class LadderConfig:
     rungs: str = 'all'  # comma-separated rung names (see RUNGS), or 'all'
     data_dir: str = ''  # the prepared bins; '' reads data/shakespeare_char
     # one budget for every rung: the model and batches of config/train_shakespeare_char_cpu.py
-    max_iters: int = 1000  # half the CPU recipe's steps: the seven rungs in ~10 minutes on 2 cores
+    max_iters: int = 1000  # half the CPU recipe's steps: all seven rungs in minutes on a laptop
     batch_size: int = 12
     block_size: int = 64
     n_layer: int = 4
