@@ -2,12 +2,13 @@
 The ladder of Karpathy's "Let's build GPT" lecture, from a bigram model to our GPT, one idea a rung.
 
     python data/shakespeare_char/prepare.py
-    python learn/ladder.py                                    # all rungs: ~10 minutes, 2 CPU cores
+    python learn/ladder.py                                    # all rungs: 7-10 minutes, 2 CPU cores
     python learn/ladder.py --rungs=bigram,heads --max_iters=500 --device=cuda
 
-Each rung is a subclass of the one below it that overrides only what its idea adds; docs/ladder.md
-walks the ladder with a measured table. Every rung trains on the same batches for the same steps,
-then prints a row: parameters, train and val loss, seconds, 100 sampled characters (' / ': newline).
+Each rung above the first two is a subclass of the one below that overrides only what its idea adds;
+docs/ladder.md walks the ladder with a measured table. Every rung trains on the same batches for the
+same steps, then prints a row: parameters, learning rate, train and val loss, seconds and 100
+sampled characters (' / ' marks a newline).
 The top rung computes model.GPT's function under model.GPT's parameter names (bias=False, as
 train.py trains it): tests/test_ladder.py loads one's state_dict into the other, compares logits.
 Equation numbers are those of "Attention Is All You Need" (Vaswani et al. 2017).
@@ -36,7 +37,7 @@ class LadderConfig:
     rungs: str = 'all'  # comma-separated rung names (see RUNGS), or 'all'
     data_dir: str = ''  # the prepared bins; '' reads data/shakespeare_char
     # one budget for every rung: the model and batches of config/train_shakespeare_char_cpu.py
-    max_iters: int = 1000  # half the CPU recipe's steps: the seven rungs in ~10 minutes on 2 cores
+    max_iters: int = 1000  # half the CPU recipe's steps: all seven rungs in minutes on a laptop
     batch_size: int = 12
     block_size: int = 64
     n_layer: int = 4

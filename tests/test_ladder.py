@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from configurator import UserError
 from conftest import run_script
+from errors import UserError
 from learn.ladder import RUNGS, LadderConfig, build, main
 from model import GPT, GPTConfig
 
@@ -65,6 +65,17 @@ def test_top_rung_is_our_gpt():
         gpt_logits, gpt_loss = gpt(idx, idx)  # with targets: the logits of every position
     torch.testing.assert_close(logits, gpt_logits, atol=1e-6, rtol=0)
     assert loss.item() == pytest.approx(gpt_loss.item(), abs=1e-6)
+
+
+def test_top_rung_starts_as_our_gpt_starts():
+    # GPT-2's init: N(0, 0.02), projections into the residual stream N(0, 0.02 / sqrt(2 * n_layer)),
+    # LayerNorm gains 1
+    shape = dict(block_size=32, n_layer=2, n_head=2, n_embd=64)
+    rung = build('dropout', LadderConfig(**shape), V).state_dict()
+    gpt = GPT(GPTConfig(vocab_size=V, bias=False, **shape)).state_dict()
+    for name, p in gpt.items():
+        assert rung[name].std().item() == pytest.approx(p.std().item(), rel=0.1), name
+    assert rung['transformer.h.1.mlp.c_proj.weight'].std().item() == pytest.approx(0.01, rel=0.1)
 
 
 def test_each_rung_adds_parameters_to_the_one_below():
