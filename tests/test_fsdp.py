@@ -5,10 +5,10 @@ ones."""
 import dataclasses
 
 import pytest
-from conftest import fails, max_diff, run_script, same_weights, tiny_train_config, weights
 from test_ddp import SETTINGS, torchrun
 
 import train
+from conftest import fails, max_diff, run_script, same_weights, tiny_train_config, weights
 
 
 def fsdp_config(out_dir, data_dir, **overrides):
