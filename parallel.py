@@ -30,6 +30,30 @@ from torch.distributed.fsdp import fully_shard
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def place(model, dev, world_size, parallelism):
+    """Put the model on dev (device.setup's): whole (one process, or DDP), or sharded across the
+    processes (FSDP). Before the optimizer is made: FSDP's sharded parameters are new tensors."""
+    if world_size > 1 and parallelism == 'fsdp':
+        shard(model, dev.type, world_size)  # moves each shard to the device
+    else:
+        model.to(dev.device)
+
+
+def wrap(model, dev, world_size, parallelism, verbose=True):
+    """The module the training loop calls: compiled if dev says so, under DDP on several processes
+    (all-reducing gradients); an FSDP model is called as it is (sharding hooked into it)."""
+    if dev.compile:
+        if verbose:
+            print("compiling the model... (takes a minute)")
+        model = torch.compile(model)
+    if world_size > 1 and parallelism == 'ddp':
+        # broadcast_buffers=False: the only buffers (rotary tables) are the same on every process
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[int(dev.device.split(':')[1])] if dev.type == 'cuda' else None,
+            broadcast_buffers=False)
+    return model
+
+
 def shard(model, device_type, world_size):
     """Apply FSDP2 to the GPT, in place: each block is one unit that is gathered, run and freed on
     its own (so at most one block's full weights are held at a time besides the root's), and the

@@ -45,13 +45,13 @@ from checkpoint import (
 )
 from configurator import cli, print_config
 from dataset import estimate_loss, open_dataset, train_batches, val_sha256
-from device import peak_flops, resolve_device, setup
+from device import peak_flops, peak_memory, reset_peak_memory, resolve_device, setup
 from errors import UserError
 from hf import GPT2_NAMES
 from lora import parse_targets
 from model import MODERN_SWITCHES
 from optimizers import configure_optimizers
-from parallel import shard
+from parallel import place, wrap
 from tokenizer import Tokenizer
 
 
@@ -354,26 +354,19 @@ def train(cfg, dev, rank, world_size, received, on_exit):
         print_config(cfg)
         print(f"device {dev.device}, dtype {dev.dtype}, compile {dev.compile}, "
               f"{world_size} process(es); {tokens_per_iter:,} tokens per step")
-    # the same initial weights on every process (FSDP shards them as they are), then each its
-    # own dropout masks
-    torch.manual_seed(cfg.seed)
-
+    torch.manual_seed(cfg.seed)  # the same init on every process (FSDP shards it as it is)
     vocab, splits = open_dataset(cfg.dataset, cfg.data_dir, cfg.block_size)
     data_sha256 = val_sha256(cfg.dataset, cfg.data_dir)  # a resume must measure on the same val
     model, ckpt = init_model(cfg, vocab, Tokenizer(vocab).vocab_size, master, data_sha256,
                              dev.device)
     if rank:
-        torch.manual_seed(cfg.seed + rank)
+        torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
     if master and not cfg.eval_only:  # out_dir is this run's until it ends: no other writes there
         on_exit.callback(os.close, claim_out_dir(cfg))
     iter_num, best_val_loss = ((ckpt['iter_num'], ckpt['best_val_loss']) if ckpt
                                else (0, float('inf')))
     model.checkpoint_blocks = cfg.activation_checkpointing
-    fsdp = world_size > 1 and cfg.parallelism == 'fsdp'
-    if fsdp:
-        shard(model, dev.type, world_size)  # moves each shard to the device
-    else:
-        model.to(dev.device)
+    place(model, dev, world_size, cfg.parallelism)  # before the optimizer: FSDP's shards are new
     # A GradScaler only for fp16, whose narrow range would flush small gradients to zero.
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.dtype == 'float16')
     optimizer = configure_optimizers(model, cfg, dev.type)
@@ -384,15 +377,8 @@ def train(cfg, dev, rank, world_size, received, on_exit):
             torch.manual_seed(cfg.seed + rank + iter_num)
         ckpt = None  # free the memory
     raw_model = model  # what is saved: never the compiled or DDP-wrapped module (FSDP's is it)
-    if dev.compile:
-        if master:
-            print("compiling the model... (takes a minute)")
-        model = torch.compile(model)
-    if world_size > 1 and not fsdp:
-        # broadcast_buffers=False: the only buffers (rotary tables) are the same on every process
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[int(dev.device.split(':')[1])] if dev.type == 'cuda' else None,
-            broadcast_buffers=False)
+    model = wrap(model, dev, world_size, cfg.parallelism, master)
+    reset_peak_memory(dev.device)  # the memory the training steps need, not loading the model
     metrics = MetricsLog(cfg, iter_num, tokens_per_iter) if master and not cfg.eval_only else None
 
     def checkpoint(is_best):
@@ -462,7 +448,7 @@ def train(cfg, dev, rank, world_size, received, on_exit):
         for group in optimizer.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)  # Muon's groups have their own peak
         loss_sum = train_step(model, optimizer, scaler, dev.autocast, batches, local_accum,
-                              cfg.grad_clip, ddp=world_size > 1 and not fsdp)
+                              cfg.grad_clip, ddp=world_size > 1 and cfg.parallelism == 'ddp')
         iter_num += 1
         bad_iter = torch.where((bad_iter < 0) & ~loss_sum.isfinite(), iter_num, bad_iter)
         # Before this step's weights can reach a checkpoint or a log line: was every loss so far
@@ -487,6 +473,7 @@ def train(cfg, dev, rank, world_size, received, on_exit):
             # The run's first step (compilation, allocator, caches) is left out of the averages
             warm = window_start > start_iter
             t_log, window_start = time.perf_counter(), iter_num
+            mem = peak_memory(dev.device)  # bytes, this process's
             if master:
                 if warm:
                     mfu = flops_per_iter / dt / peak if peak else None
@@ -497,9 +484,11 @@ def train(cfg, dev, rank, world_size, received, on_exit):
                       f"({100 * iter_num / max(cfg.max_iters, 1):.0f}%): loss {lossf:.4f}, "
                       f"lr {lr:.2e}, {dt * 1000:.1f} ms, {tokens_per_iter / dt:,.0f} tok/s, "
                       + (f"mfu {100 * mfu:.1f}%, " if mfu is not None else '')
+                      + (f"peak mem {mem / 2**30:.2f} GiB, " if mem else '')
                       + f"eta {eta}", flush=True)
                 metrics.log(iter_num, train_loss=lossf, lr=lr, ms_per_iter=round(dt * 1000, 3),
-                            **({'mfu': round(mfu, 5)} if mfu is not None else {}))
+                            **({'mfu': round(mfu, 5)} if mfu is not None else {}),
+                            **({'peak_mem_gib': round(mem / 2**30, 3)} if mem else {}))
     if metrics:
         metrics.close()
     return {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'losses': losses,
