@@ -272,8 +272,9 @@ def init_model(cfg, vocab, vocab_size, verbose=True, data_sha256=None, device='c
         config = GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}, vocab_size=padded)
         with torch.device('meta'):  # count the parameters before allocating them
             n_params = GPT(config).get_num_params(non_embedding=False)
-        check_memory(n_params, device)  # where it will train
-        return GPT(config), None
+        # where it will train; with LoRA (bench.py adapts random models) only the weights
+        check_memory(n_params, device, 4 if cfg.lora_rank else 16)
+        return adapt(GPT(config), cfg, say), None
     if cfg.init_from == 'resume':
         path = os.path.join(cfg.out_dir, 'ckpt.pt')
         ckpt = load_checkpoint(path)
@@ -344,12 +345,17 @@ def init_model(cfg, vocab, vocab_size, verbose=True, data_sha256=None, device='c
     model.crop_block_size(cfg.block_size)
     say(f"initialising from {source}, {model.get_num_params() / 1e6:.2f}M parameters, "
         f"block_size {cfg.block_size}")
+    return adapt(model, cfg, say), None
+
+
+def adapt(model, cfg, say):
+    """The model with LoRA adapters when cfg.lora_rank > 0 (and the rest frozen)."""
     if cfg.lora_rank:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         say(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {trainable:,} trainable "
             f"parameters ({100 * trainable / model.get_num_params(False):.2f}%), the rest frozen")
-    return model, None
+    return model
 
 
 def checkpoint_file(init_from):

@@ -9,6 +9,7 @@ Every script calls setup() once and reads what it needs from the result:
         logits, loss = model(x, y)
 """
 
+import ctypes
 import os
 import re
 import time
@@ -143,14 +144,30 @@ def setup(device='auto', dtype='auto', compile=False, sample_rows=None, threads=
         torch.backends.cudnn.allow_tf32 = True
     if threads:
         torch.set_num_threads(threads)
+    if device == 'cpu':
+        return_freed_memory()
     return Device(device, dtype, resolve_compile(compile, device), autocast_context(device, dtype))
+
+
+def return_freed_memory():
+    """Make glibc (Linux) give every freed allocation of 4 MiB or more back to the OS at once. By
+    default it serves large allocations from its heap once a few have been freed (its mmap
+    threshold rises to 32 MiB) and keeps what is freed there, so a CPU training step's activations
+    stay resident after backward: 1.7x the memory of the live tensors, measured in docs/memory.md.
+    A fixed threshold maps each large tensor on its own; mapping and zeroing its pages costs little
+    beside the matmuls that fill it, and smaller tensors (all of the CPU recipe's) are left as
+    they were."""
+    try:
+        ctypes.CDLL('libc.so.6').mallopt(-3, 4 * 2**20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: macOS, musl
+        pass
 
 
 def check_memory(n_params, device, bytes_per_param=16):
     """Refuse, in one line with the estimate, a model whose training state cannot fit in the memory
     free on device, before any of it is allocated (where it would end in an allocator traceback or
-    the OOM killer). 16 bytes a parameter: fp32 weights, gradients and AdamW's two moments;
-    activations come on top."""
+    the OOM killer). 16 bytes a parameter: fp32 weights, gradients and AdamW's two moments (4 for
+    a LoRA model's frozen weights); activations come on top (memory.py estimates them)."""
     if device.startswith('cuda'):
         free = torch.cuda.mem_get_info(device)[0]
     elif device == 'cpu' and hasattr(os, 'sysconf'):

@@ -305,9 +305,6 @@ def check_config(cfg):
     if cfg.lora_rank < 0 or (cfg.lora_rank and not cfg.lora_alpha > 0):
         raise UserError(f"lora_rank must be 0 (off) or positive and lora_alpha positive, got "
                         f"{cfg.lora_rank} and {cfg.lora_alpha}")
-    if cfg.lora_rank and cfg.init_from == 'scratch':
-        raise UserError("lora_rank > 0 adapts a trained model: set init_from to a GPT-2 or a "
-                        "checkpoint to finetune (or lora_rank=0 to train from scratch)")
     if not 0 <= cfg.lora_dropout < 1:
         raise UserError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     try:
@@ -318,6 +315,9 @@ def check_config(cfg):
 
 def main(cfg):
     check_config(cfg)
+    if cfg.lora_rank and cfg.init_from == 'scratch':  # (bench.py adapts random models)
+        raise UserError("lora_rank > 0 adapts a trained model: set init_from to a GPT-2 or a "
+                        "checkpoint to finetune (or lora_rank=0 to train from scratch)")
     # Under torchrun every process runs this; RANK is set by torchrun, LOCAL_RANK picks the GPU.
     ddp = 'RANK' in os.environ
     rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in

@@ -120,8 +120,9 @@ def test_training_from_the_command_line_logs_each_step_and_evaluation(tmp_path, 
     # each logged step prints the loss the metrics log holds, the speed and the time left (no MFU
     # on a CPU: no data sheet gives its peak); the first step, which warms up, gives no time left
     assert re.search(rf"^iter 4/4 \(100%\): loss {logged[4]['train_loss']:.4f}, lr [0-9.e+-]+, "
-                     r"[0-9.]+ ms, [0-9,]+ tok/s, eta 0m00s$", r.stdout, re.MULTILINE)
-    assert re.search(r"^iter 1/4 \(25%\): .* tok/s, eta -$", r.stdout, re.MULTILINE)
+                     r"[0-9.]+ ms, [0-9,]+ tok/s, peak mem [0-9.]+ GiB, eta 0m00s$", r.stdout,
+                     re.MULTILINE)
+    assert re.search(r"^iter 1/4 \(25%\): .* tok/s, peak mem .*, eta -$", r.stdout, re.MULTILINE)
     assert f"step 4: train loss {evals[4]['eval_train_loss']:.4f}, val loss " \
            f"{evals[4]['val_loss']:.4f}" in r.stdout
     assert load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))['iter_num'] == 4
