@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 import zipfile
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
@@ -240,6 +240,23 @@ def padded_vocab_size(vocab_size, multiple=64):
     return vocab_size if vocab_size <= 1024 else -(-vocab_size // multiple) * multiple
 
 
+def grow_vocab(model, rows):
+    """model with `rows` token embeddings (and logits), its own first: the rows a vocabulary with
+    new tokens needs (the chat format's, see chat_format.py). Each new row is the mean of the old
+    ones plus N(0, 0.02) noise (GPT-2's init std): an average token, so that no logit of the tied
+    head jumps at the first step and the model's text is as before until it has learned them, and
+    each a little different, so that the new tokens are told apart from the start (Hewitt 2021,
+    "Initializing new word embeddings for pretrained language models")."""
+    old = model.config.vocab_size
+    noise = 0.02 * torch.randn(rows - old, model.config.n_embd,
+                               generator=torch.Generator().manual_seed(0))
+    state = model.state_dict()
+    for key in ('transformer.wte.weight', 'lm_head.weight'):  # the same tensor for a tied head
+        w = state[key]
+        state[key] = torch.cat([w, (w.mean(0) + noise).to(w.dtype)])
+    return GPT.from_state_dict(replace(model.config, vocab_size=rows), state)
+
+
 def init_model(cfg, vocab, vocab_size, verbose=True, data_sha256=None, device='cpu'):
     """The model a training run starts from, on the CPU, and the checkpoint it resumes (else None):
     cfg.init_from='scratch' (a new GPT of cfg's shape), 'resume' (out_dir/ckpt.pt, checked against
@@ -296,7 +313,8 @@ def init_model(cfg, vocab, vocab_size, verbose=True, data_sha256=None, device='c
         say(f"resuming from {path} at step {ckpt['iter_num']} "
             f"(best val loss {ckpt['best_val_loss']:.4f})")
         return model_from_checkpoint(ckpt, dropout=cfg.dropout), ckpt
-    if vocab != GPT2_VOCAB:
+    n_special = len(vocab.get('special', ()))  # e.g. the chat format's tokens
+    if {k: v for k, v in vocab.items() if k != 'special'} != GPT2_VOCAB:
         raise UserError(f"init_from={cfg.init_from!r} reads GPT-2's BPE, but dataset "
                         f"'{cfg.dataset}' has a {vocab['kind']} vocabulary: "
                         "use a GPT-2 BPE dataset such as shakespeare or openwebtext")
@@ -305,9 +323,11 @@ def init_model(cfg, vocab, vocab_size, verbose=True, data_sha256=None, device='c
         raise UserError(f"{cfg.init_from} has {model.config.block_size} positions, fewer than "
                         f"block_size {cfg.block_size}: "
                         f"use --block_size={model.config.block_size} or less")
-    if model.config.vocab_size < vocab_size:
+    if model.config.vocab_size < vocab_size - n_special:
         raise UserError(f"{cfg.init_from} has {model.config.vocab_size} token embeddings, "
-                        f"fewer than GPT-2's {vocab_size}: it is not a GPT-2 BPE model")
+                        f"fewer than GPT-2's {vocab_size - n_special}: it is not a GPT-2 BPE model")
+    if model.config.vocab_size < vocab_size:  # OpenAI's 50257 rows: none for the special tokens
+        model = grow_vocab(model, padded_vocab_size(vocab_size))
     model.crop_block_size(cfg.block_size)
     say(f"initialising from OpenAI's GPT-2 weights: {cfg.init_from}, "
         f"{model.get_num_params() / 1e6:.2f}M parameters, block_size {cfg.block_size}")
