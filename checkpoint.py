@@ -5,7 +5,9 @@ A checkpoint is one dict of plain tensors and Python types (so it loads with wei
 which cannot run code hidden in a file someone sent you):
     format_version, model (the raw, uncompiled, unwrapped state_dict), optimizer, scaler,
     model_args, config (the full run config), iter_num (steps done), best_val_loss,
-    vocab (a tokenizer spec), rng (every random state the run's future depends on).
+    vocab (a tokenizer spec), rng (every random state the run's future depends on), data_sha256
+    (of the val.bin its losses were measured on), lora (apply_lora's arguments, None without LoRA;
+    with LoRA, model holds the frozen base weights and the adapters side by side).
 
 In out_dir:
     ckpt.pt       the latest state: what init_from='resume' continues
@@ -32,6 +34,7 @@ import torch
 from device import check_memory
 from errors import UserError
 from hf import from_pretrained
+from lora import apply_lora, merge_lora
 from model import GPT, MODERN_SWITCHES, GPTConfig
 from tokenizer import GPT2_VOCAB, Tokenizer
 
@@ -166,7 +169,8 @@ def check_schema(ckpt, path):
 def model_from_checkpoint(ckpt, dropout=None, vocab_size=None):
     """The GPT a checkpoint holds, on the CPU, in fp32; dropout may be overridden (e.g. 0 to
     sample). vocab_size: keep only the first vocab_size token embeddings and logits, cutting off a
-    padded vocabulary's unused rows (see padded_vocab_size)."""
+    padded vocabulary's unused rows (see padded_vocab_size). The checkpoint of a LoRA run gives a
+    model with its adapters (lora.merge_lora folds them in)."""
     args, state = dict(ckpt['model_args']), ckpt['model']
     if dropout is not None:
         args['dropout'] = dropout
@@ -174,9 +178,11 @@ def model_from_checkpoint(ckpt, dropout=None, vocab_size=None):
         args['vocab_size'] = vocab_size
         state = {k: v[:vocab_size] if k in ('transformer.wte.weight', 'lm_head.weight') else v
                  for k, v in state.items()}
+    lora = ckpt.get('lora')
     try:
-        model = GPT.from_state_dict(GPTConfig(**args), state)
-    except RuntimeError as e:
+        model = GPT.from_state_dict(GPTConfig(**args), state,
+                                    adapt=(lambda m: apply_lora(m, **lora)) if lora else None)
+    except (RuntimeError, TypeError, ValueError) as e:
         raise UserError("checkpoint weights do not fit its model_args "
                         f"({' '.join(str(e).split())[:300]})") from None
     return model
@@ -217,7 +223,15 @@ def build_checkpoint(model, optimizer, scaler, cfg, iter_num, best_val_loss, voc
             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'model_args': recorded_model_args(model.config), 'config': asdict(cfg),
             'iter_num': iter_num, 'best_val_loss': best_val_loss, 'vocab': vocab,
-            'rng': rng_state(), 'data_sha256': data_sha256}
+            'rng': rng_state(), 'data_sha256': data_sha256, 'lora': lora_args(cfg)}
+
+
+def lora_args(cfg):
+    """apply_lora's arguments for a run's config; None without LoRA."""
+    if not getattr(cfg, 'lora_rank', 0):
+        return None
+    return {'rank': cfg.lora_rank, 'alpha': cfg.lora_alpha, 'dropout': cfg.lora_dropout,
+            'targets': cfg.lora_targets}
 
 
 def restore_training(ckpt, optimizer, scaler):
@@ -260,8 +274,9 @@ def grow_vocab(model, rows):
 def init_model(cfg, vocab, vocab_size, verbose=True, data_sha256=None, device='cpu'):
     """The model a training run starts from, on the CPU, and the checkpoint it resumes (else None):
     cfg.init_from='scratch' (a new GPT of cfg's shape), 'resume' (out_dir/ckpt.pt, checked against
-    cfg), or a GPT-2 (OpenAI's name or a Hugging Face folder, its context cropped to
-    cfg.block_size). vocab is the dataset's spec (None for random tokens); vocab_size the model's
+    cfg), a GPT-2 (OpenAI's name or a Hugging Face folder) or a checkpoint of ours (a .pt file or
+    an out_dir) to finetune, its context cropped to cfg.block_size, with LoRA adapters when
+    cfg.lora_rank > 0. vocab is the dataset's spec (None for random tokens); vocab_size the model's
     embedding rows; data_sha256 the dataset's val.bin hash, which a resumed run's must match."""
     say = print if verbose else (lambda *a, **k: None)
     if cfg.init_from == 'scratch':
@@ -289,7 +304,9 @@ def init_model(cfg, vocab, vocab_size, verbose=True, data_sha256=None, device='c
         # a run started from GPT-2 took its shape from the pretrained model,
         # whatever n_layer etc. it was given.
         defaults = type(cfg)()  # for keys older checkpoints did not have yet
-        for key in (*MODEL_KEYS[:-1], 'optimizer'):  # all but dropout, which may change
+        # all but the dropouts, which may change
+        for key in (*(k for k in MODEL_KEYS if k != 'dropout'), 'optimizer', 'lora_rank',
+                    'lora_alpha', 'lora_targets'):
             trained, asked = ckpt['config'].get(key, getattr(defaults, key)), getattr(cfg, key)
             if trained != asked:
                 why = (f" (it learned positions for {trained} tokens only)"
@@ -313,25 +330,64 @@ def init_model(cfg, vocab, vocab_size, verbose=True, data_sha256=None, device='c
         say(f"resuming from {path} at step {ckpt['iter_num']} "
             f"(best val loss {ckpt['best_val_loss']:.4f})")
         return model_from_checkpoint(ckpt, dropout=cfg.dropout), ckpt
-    n_special = len(vocab.get('special', ()))  # e.g. the chat format's tokens
-    if {k: v for k, v in vocab.items() if k != 'special'} != GPT2_VOCAB:
-        raise UserError(f"init_from={cfg.init_from!r} reads GPT-2's BPE, but dataset "
-                        f"'{cfg.dataset}' has a {vocab['kind']} vocabulary: "
-                        "use a GPT-2 BPE dataset such as shakespeare or openwebtext")
-    model = from_pretrained(cfg.init_from, dropout=cfg.dropout)
+    path = checkpoint_file(cfg.init_from)
+    if path:  # a model trained here, to finetune
+        ckpt = load_checkpoint(path)
+        check_schema(ckpt, path)
+        if not same_token_ids(ckpt['vocab'], vocab):
+            raise UserError(f"{path} was trained with another vocabulary than dataset "
+                            f"'{cfg.dataset}' ({ckpt['vocab']['kind']} vs {vocab['kind']}): "
+                            "finetune it on data prepared with its tokenizer")
+        # a LoRA run's adapters are folded in: the finetune starts from the model it sampled
+        model = merge_lora(model_from_checkpoint(ckpt, dropout=cfg.dropout))
+        source = f"{path} (iter {ckpt.get('iter_num', '?')})"
+    else:
+        if not same_token_ids(GPT2_VOCAB, vocab):
+            raise UserError(f"init_from={cfg.init_from!r} reads GPT-2's BPE, but dataset "
+                            f"'{cfg.dataset}' has a {vocab['kind']} vocabulary: "
+                            "use a GPT-2 BPE dataset such as shakespeare or openwebtext")
+        model = from_pretrained(cfg.init_from, dropout=cfg.dropout)
+        source = f"OpenAI's GPT-2 weights: {cfg.init_from}"
     if cfg.block_size > model.config.block_size:
         raise UserError(f"{cfg.init_from} has {model.config.block_size} positions, fewer than "
                         f"block_size {cfg.block_size}: "
                         f"use --block_size={model.config.block_size} or less")
+    n_special = len(vocab.get('special', ()))  # tokens above the base vocabulary (chat_format)
     if model.config.vocab_size < vocab_size - n_special:
         raise UserError(f"{cfg.init_from} has {model.config.vocab_size} token embeddings, "
-                        f"fewer than GPT-2's {vocab_size - n_special}: it is not a GPT-2 BPE model")
-    if model.config.vocab_size < vocab_size:  # OpenAI's 50257 rows: none for the special tokens
+                        f"fewer than the dataset's {vocab_size - n_special} tokens")
+    if model.config.vocab_size < vocab_size:  # e.g. OpenAI's 50257: no rows for special tokens
         model = grow_vocab(model, padded_vocab_size(vocab_size))
     model.crop_block_size(cfg.block_size)
-    say(f"initialising from OpenAI's GPT-2 weights: {cfg.init_from}, "
-        f"{model.get_num_params() / 1e6:.2f}M parameters, block_size {cfg.block_size}")
+    say(f"initialising from {source}, {model.get_num_params() / 1e6:.2f}M parameters, "
+        f"block_size {cfg.block_size}")
+    if cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        say(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {trainable:,} trainable "
+            f"parameters ({100 * trainable / model.get_num_params(False):.2f}%), the rest frozen")
     return model, None
+
+
+def checkpoint_file(init_from):
+    """The checkpoint of ours that init_from names: a .pt file, or a run's out_dir (its best.pt,
+    what sample.py reads, else its ckpt.pt); None for anything else (a GPT-2 name or HF folder)."""
+    if os.path.isfile(init_from):
+        return init_from
+    for name in ('best.pt', 'ckpt.pt'):
+        if os.path.isfile(os.path.join(init_from, name)):
+            return os.path.join(init_from, name)
+    return None
+
+
+def same_token_ids(a, b):
+    """Whether every token id of vocabulary spec a means the same in spec b: the same base
+    vocabulary, and a's special tokens the first of b's (tokens added above its ids, such as the
+    chat format's, change none of them)."""
+    def base(spec):
+        return {k: v for k, v in spec.items() if k != 'special'}
+    special = a.get('special', [])
+    return base(a) == base(b) and b.get('special', [])[:len(special)] == special
 
 
 def load_model(init_from='resume', out_dir='out', ckpt_name='best.pt'):
@@ -344,8 +400,8 @@ def load_model(init_from='resume', out_dir='out', ckpt_name='best.pt'):
         ckpt = load_checkpoint(path)
         check_schema(ckpt, path)
         tokenizer = Tokenizer(ckpt['vocab'])
-        return (model_from_checkpoint(ckpt, dropout=0.0, vocab_size=tokenizer.vocab_size).eval(),
-                tokenizer, ckpt)
+        model = model_from_checkpoint(ckpt, dropout=0.0, vocab_size=tokenizer.vocab_size)
+        return merge_lora(model).eval(), tokenizer, ckpt
     return from_pretrained(init_from, dropout=0.0).eval(), Tokenizer(GPT2_VOCAB), None
 
 

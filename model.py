@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class LayerNorm(nn.Module):
@@ -197,6 +198,9 @@ class GPT(nn.Module):
             # Weight tying (Press & Wolf 2017, used by GPT-2):
             # the head reads logits with the embedding matrix.
             self.transformer.wte.weight = self.lm_head.weight
+        # train.py's activation_checkpointing: keep only each block's input in the forward pass and
+        # recompute the rest in the backward one (~1/3 more compute, activations of one block)
+        self.checkpoint_blocks = False
 
         self.apply(self._init_weights)
         # GPT-2 scales the init of each residual projection by 1/sqrt(N), N = 2 * n_layer residual
@@ -206,11 +210,15 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @classmethod
-    def from_state_dict(cls, config, state_dict):
+    def from_state_dict(cls, config, state_dict, adapt=None):
         """The GPT of config holding state_dict's tensors as its own, without copying them and
-        without the random init they would replace (the model is built on the meta device first)."""
+        without the random init they would replace (the model is built on the meta device first).
+        adapt(model), if given, changes the model before loading (lora.apply_lora, for the state
+        of a LoRA run)."""
         with torch.device('meta'):
             model = cls(config)
+            if adapt:
+                adapt(model)
         model.load_state_dict(state_dict, assign=True)
         if config.tie_weights:  # assign=True made the tied matrix two Parameters: tie them again
             model.transformer.wte.weight = model.lm_head.weight
@@ -257,7 +265,10 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, rotary, cache)
+            if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rotary, use_reentrant=False)
+            else:
+                x = block(x, rotary, cache)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)

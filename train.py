@@ -36,6 +36,7 @@ import torch
 
 from checkpoint import (
     build_checkpoint,
+    checkpoint_file,
     claim_out_dir,
     init_model,
     read_metrics,
@@ -47,6 +48,7 @@ from dataset import estimate_loss, open_dataset, train_batches, val_sha256
 from device import peak_flops, resolve_device, setup
 from errors import UserError
 from hf import GPT2_NAMES
+from lora import parse_targets
 from model import MODERN_SWITCHES
 from optimizers import configure_optimizers
 from tokenizer import Tokenizer
@@ -66,9 +68,10 @@ class TrainConfig:
     overwrite: bool = False  # a new run may replace the run already in out_dir
     # keep the checkpoint before the latest as ckpt_prev.pt (False: one checkpoint less on disk)
     keep_prev_checkpoint: bool = True
-    # 'scratch', 'resume' (from out_dir/ckpt.pt), or OpenAI's GPT-2 to finetune: 'gpt2',
-    # 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face GPT-2 folder (its shape wins
-    # over n_layer, n_head, n_embd, bias; block_size crops its 1024 positions)
+    # 'scratch', 'resume' (from out_dir/ckpt.pt), or a model to finetune: OpenAI's GPT-2 ('gpt2',
+    # 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), a local Hugging Face GPT-2 folder, or one trained
+    # here (a .pt file, or a run's out_dir: its best.pt). Its shape wins over n_layer, n_head,
+    # n_embd, bias and the modern switches; block_size crops its positions.
     init_from: str = 'scratch'
     seed: int = 1337  # seeds the initialisation, the batches and dropout
     # Weights & Biases (optional: pip install wandb)
@@ -93,6 +96,13 @@ class TrainConfig:
     qk_norm: bool = False  # RMS-normalise queries and keys per head
     relu2: bool = False  # ReLU^2 MLP instead of GELU
     tie_weights: bool = True  # share the token embedding with the head
+    # LoRA (lora.py): train a low-rank update of each target matrix, the model frozen; needs an
+    # init_from to finetune. 0 = off, full finetuning
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # on the adapters' input
+    # which Linears of each block: attn.c_attn (q, k, v), attn.c_proj, mlp.c_fc, mlp.c_proj, 'all'
+    lora_targets: str = 'attn.c_attn,attn.c_proj'
     # optimizer: 'adamw', or 'muon'
     # (Muon for the blocks' matrices, AdamW for embeddings, head, gains, biases)
     optimizer: str = 'adamw'
@@ -118,6 +128,9 @@ class TrainConfig:
     # bf16 on CUDA with bf16, else fp16 on CUDA, else fp32
     dtype: str = 'auto'
     compile: bool | str = 'auto'  # torch.compile the model: 'auto' = on CUDA only
+    # recompute each block's activations in the backward pass instead of keeping them: ~1/3 more
+    # compute, activation memory of one block instead of n_layer
+    activation_checkpointing: bool = False
     # the device's peak FLOP/s that MFU is measured against; 0: the data sheet's on a known GPU,
     # none elsewhere (a CPU's: measure it with bench.py)
     peak_flops: float = 0.0
@@ -267,15 +280,30 @@ def check_config(cfg):
             raise UserError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    ours = cfg.init_from not in ('scratch', 'resume') and checkpoint_file(cfg.init_from)
     changed = [k for k in MODERN_SWITCHES if getattr(cfg, k) != getattr(TrainConfig, k)]
-    if cfg.init_from not in ('scratch', 'resume') and changed:
+    if cfg.init_from not in ('scratch', 'resume') and not ours and changed:
         raise UserError(f"init_from={cfg.init_from!r} loads GPT-2's architecture: "
                         f"leave {', '.join(changed)} at the default")
     if cfg.optimizer not in ('adamw', 'muon'):
         raise UserError(f"optimizer must be 'adamw' or 'muon', got {cfg.optimizer!r}")
-    if cfg.init_from not in ('scratch', 'resume', *GPT2_NAMES) and not os.path.isdir(cfg.init_from):
-        raise UserError(f"init_from must be 'scratch', 'resume', one of {', '.join(GPT2_NAMES)} "
-                        f"or a local Hugging Face GPT-2 folder, got {cfg.init_from!r}")
+    if (cfg.init_from not in ('scratch', 'resume', *GPT2_NAMES)
+            and not os.path.exists(cfg.init_from)):
+        raise UserError(f"init_from must be 'scratch', 'resume', one of {', '.join(GPT2_NAMES)}, "
+                        "a local Hugging Face GPT-2 folder, or a checkpoint (a .pt file or a "
+                        f"run's out_dir) to finetune, got {cfg.init_from!r}")
+    if cfg.lora_rank < 0 or (cfg.lora_rank and not cfg.lora_alpha > 0):
+        raise UserError(f"lora_rank must be 0 (off) or positive and lora_alpha positive, got "
+                        f"{cfg.lora_rank} and {cfg.lora_alpha}")
+    if cfg.lora_rank and cfg.init_from == 'scratch':
+        raise UserError("lora_rank > 0 adapts a trained model: set init_from to a GPT-2 or a "
+                        "checkpoint to finetune (or lora_rank=0 to train from scratch)")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise UserError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    try:
+        parse_targets(cfg.lora_targets)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def main(cfg):
@@ -328,6 +356,7 @@ def train(cfg, dev, rank, world_size, received, on_exit):
     iter_num, best_val_loss = ((ckpt['iter_num'], ckpt['best_val_loss']) if ckpt
                                else (0, float('inf')))
     model.to(dev.device)
+    model.checkpoint_blocks = cfg.activation_checkpointing
     # A GradScaler only for fp16, whose narrow range would flush small gradients to zero.
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.dtype == 'float16')
     optimizer = configure_optimizers(model, cfg, dev.type)

@@ -270,7 +270,7 @@ def test_every_checkpoint_written_loads_with_weights_only(tmp_path, char_data):
         ckpt = torch.load(os.path.join(tmp_path, name), weights_only=True)
         assert set(ckpt) == {'format_version', 'model', 'optimizer', 'scaler', 'model_args',
                              'config', 'iter_num', 'best_val_loss', 'vocab', 'rng',
-                             'data_sha256'}
+                             'data_sha256', 'lora'}
         assert set(ckpt['rng']) == {'python', 'numpy', 'torch', 'cuda'}
     assert [load_checkpoint(os.path.join(tmp_path, f))['iter_num']
             for f in ('ckpt_prev.pt', 'ckpt.pt')] == [10, 15]
