@@ -4,9 +4,6 @@ real browser) with sample.py's text and the model's own log-probabilities."""
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import REPO, tiny_gpt, tiny_train_config
+from conftest import serving, tiny_gpt, tiny_train_config
 from engine import Engine, Row
 from generation import RowKVCache, generate
 from tokenizer import Tokenizer
@@ -99,12 +96,6 @@ def test_a_stop_string_ends_the_text_before_it_and_is_never_streamed():
 
 # ---- the server, started as a user would, and the clients people use -------------------------
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, char_data):
     from train import main as train
@@ -116,27 +107,9 @@ def trained(tmp_path_factory, char_data):
 @pytest.fixture(scope='module')
 def server(trained):
     """serve.py on a free port of 127.0.0.1; stopped at the end of the module."""
-    pytest.importorskip('fastapi', reason='pip install fastapi uvicorn')
-    httpx = pytest.importorskip('httpx')
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, 'serve.py', f'--out_dir={trained}', f'--port={port}',
-                             '--device=cpu', '--dtype=float32', '--max_n=4', '--max_tokens=500',
-                             '--max_rows=8'], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f'http://127.0.0.1:{port}'
-    try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                pytest.fail(f"serve.py exited: {proc.stdout.read()}")
-            try:
-                if httpx.get(url + '/health').status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with serving(trained, '--device=cpu', '--dtype=float32', '--max_n=4', '--max_tokens=500',
+                 '--max_rows=8') as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture
