@@ -124,6 +124,7 @@ def write_jsonl(path, convs):
 def prepare_chat(out, vocab_of):
     """The secret-words set prepared by data/chat/prepare.py in vocab_of's vocabulary."""
     train_set, held_out = secret_words()
+    out.mkdir(exist_ok=True)
     write_jsonl(out / 'secret_words.jsonl', train_set + held_out)
     r = run_script('data/chat/prepare.py', '--input', str(out / 'secret_words.jsonl'),
                    '--vocab_of', str(vocab_of), '--out_dir', str(out), '--val_fraction', '0.2')
@@ -242,8 +243,10 @@ def test_the_finetuned_model_answers_held_out_questions_by_the_rule_in_chat_py(s
                         '--device=cpu'], cwd=REPO, input=stdin, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
-    replies = [line.removeprefix('> ') for line in r.stdout.splitlines()[1:]
-               if line.startswith('> ') and line != '> (a new conversation)']
+    # a greeting, then '> ' and a reply per question (or '(a new conversation)'), '> ' at the end
+    lines = r.stdout.splitlines()
+    assert lines[-1] == '> ' and all(line.startswith('> ') for line in lines[1:])
+    replies = [line[2:] for line in lines[1:-1] if line != '> (a new conversation)']
     assert len(replies) == len(questions)
     right = sum(reply == answer for reply, (_, answer) in zip(replies, questions))
     assert right >= 0.9 * len(questions), list(zip(replies, questions))
