@@ -6,9 +6,9 @@ vocabulary carries the chat format of chat_format.py.
     python chat.py --out_dir=out-sft-gpt2 --system="You are a helpful assistant." --temperature=0.7
     echo "What is the secret word for red?" | python chat.py --out_dir=out-sft-chat-cpu
 
-Type a message and press Enter: the reply is printed as it is generated. The whole conversation is
-the model's prompt for each reply (once it outgrows the context, only its last block_size tokens
-are seen). /clear starts a new conversation; Ctrl-D (end of input) quits.
+Type a message and press Enter: the reply is printed as it is generated. The conversation is the
+model's prompt for each reply; once it outgrows the model's context, its oldest messages are left
+out, whole (a system message stays). /clear starts a new conversation; Ctrl-D (end of input) quits.
 """
 
 import os
@@ -84,7 +84,7 @@ def main(cfg):
             continue
         messages.append({'role': 'user', 'content': line})
         try:
-            ids = prompt(tokenizer, messages)
+            ids = prompt(tokenizer, messages, model.config.block_size)  # the latest turns
         except UserError as e:  # characters a character-level model has no tokens for
             print(f"error: {e}")
             messages.pop()

@@ -61,10 +61,21 @@ def render(tokenizer, messages):
     return ids, mask
 
 
-def prompt(tokenizer, messages):
+def prompt(tokenizer, messages, max_tokens=None):
     """The ids that ask the model for the next assistant message: the conversation so far and the
-    assistant's opening token. Generation stops at stop_token(tokenizer)."""
-    return render(tokenizer, messages)[0] + [tokenizer.special[ASSISTANT]]
+    assistant's opening token. Generation stops at stop_token(tokenizer).
+    max_tokens: the most ids the prompt may have (the model's context): the oldest messages are
+    left out, whole, until it fits, but for a system message that opens the conversation and the
+    latest message, which always stay."""
+    check_conversation(messages)
+    turns = [render(tokenizer, [m])[0] for m in messages]  # a conversation's ids: its turns' ids
+    head = int(messages[0]['role'] == 'system')
+    first = head  # the oldest message kept after the system message
+    while (max_tokens and first < len(turns) - 1
+           and sum(map(len, turns[:head] + turns[first:])) + 1 > max_tokens):
+        first += 1
+    return [i for turn in turns[:head] + turns[first:] for i in turn] + [
+        tokenizer.special[ASSISTANT]]
 
 
 def stop_token(tokenizer):

@@ -292,7 +292,7 @@ def create_app(cfg, model, tokenizer, engine, model_id):
             messages = [{'role': CHAT_ROLES[m.role].lower(), 'content': m.text()}
                         for m in req.messages]
             try:
-                ids = chat_format.prompt(tokenizer, messages)
+                ids = chat_format.prompt(tokenizer, messages, max_prompt)  # latest turns
             except UserError as e:  # characters a character-level model has no tokens for
                 raise APIError(str(e), 'messages') from None
             rows = make_rows(req, [ids], max_tokens, stop,

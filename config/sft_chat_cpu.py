@@ -1,5 +1,5 @@
-# Supervised finetuning (SFT) on a CPU: the quick start's character-level Shakespeare model learns to
-# answer in the chat format, by a made-up rule (data/chat/secret_words.py); docs/chat.md.
+# Supervised finetuning (SFT) on a CPU: the quick start's character-level Shakespeare model
+# learns to answer in the chat format, by a made-up rule (data/chat/secret_words.py); docs/chat.md.
 #   python data/shakespeare_char/prepare.py && python train.py config/train_shakespeare_char_cpu.py
 #   python data/chat/secret_words.py
 #   python data/chat/prepare.py --input data/chat/secret_words.jsonl \

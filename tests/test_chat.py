@@ -6,6 +6,7 @@ the server's chat endpoint with the `openai` client."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -107,6 +108,18 @@ def test_the_mask_marks_exactly_the_assistants_content_and_end_tokens(tokenizer)
                        and i != tokenizer.special[END])  # role tokens are context only
 
 
+def test_a_prompt_too_long_for_the_context_leaves_out_the_oldest_messages_whole(tokenizer):
+    system, *turns = EDGE_CASES[0]  # system, user, assistant, user, assistant
+    asked = [system, *turns[:3]]
+    full = prompt(tokenizer, asked)
+    assert prompt(tokenizer, asked, len(full)) == full
+    # one token short: the oldest message after the system message goes, whole
+    assert prompt(tokenizer, asked, len(full) - 1) == prompt(tokenizer, [system, *turns[1:3]])
+    # however short: the system message and the latest message stay
+    assert prompt(tokenizer, asked, 1) == prompt(tokenizer, [system, turns[2]])
+    assert prompt(tokenizer, turns[:3], 1) == prompt(tokenizer, turns[2:3])
+
+
 def test_dolly_records_become_a_user_and_an_assistant_message():
     assert messages_of({'instruction': 'Sum up.', 'context': 'A text.', 'response': 'Done.',
                         'category': 'summarization'}) == [
@@ -189,6 +202,25 @@ def test_a_grown_model_keeps_its_logits_and_gets_average_rows_for_the_new_tokens
     assert 0.01 < noise.std().item() < 0.03 and len({tuple(r.tolist()) for r in wte[65:]}) == 4
 
 
+def test_init_from_gpt2_grows_rows_for_the_chat_tokens_and_computes_what_it_did(tmp_path,
+                                                                                 gpt2_bpe):
+    """OpenAI's GPT-2 has 50257 rows: it gets the padded 50304 a model trained here has."""
+    transformers = pytest.importorskip('transformers')
+    from checkpoint import init_model
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=50257)).eval()
+    hf.save_pretrained(tmp_path / 'hf')
+    vocab = chat_vocab(GPT2_VOCAB)
+    cfg = tiny_train_config(tmp_path / 'out', tmp_path, init_from=str(tmp_path / 'hf'))
+    model, _ = init_model(cfg, vocab, Tokenizer(vocab).vocab_size, verbose=False)
+    assert model.config.vocab_size == 50304
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model.eval()(idx, targets=idx)[0], hf(idx).logits
+    assert (ours[..., :50257] - theirs).abs().max() < 1e-4
+
+
 def test_sft_resumes_exactly(tmp_path, chat_data):
     """On a chat dataset as on text: 6 steps, then resumed to 12, end where 12 in one go end."""
     cfg = dict(dataset='secret_words', block_size=24, max_iters=12, eval_interval=6)
@@ -262,25 +294,82 @@ def test_sample_py_uses_the_chat_format_of_the_checkpoint(sft):
     assert text == f'{USER}{question}{END}{ASSISTANT}{answer}{END}'
 
 
+@pytest.fixture(scope='module')
+def sft_server(sft):
+    with serving(sft, '--device=cpu', '--dtype=float32') as url:
+        yield url
+
+
 @pytest.mark.slow
-def test_the_server_answers_held_out_questions_by_the_rule(sft):
+def test_the_server_answers_held_out_questions_by_the_rule(sft, sft_server):
     openai = pytest.importorskip('openai')
     questions = held_out_questions()
-    with serving(sft, '--device=cpu', '--dtype=float32') as url:
-        client = openai.OpenAI(base_url=url + '/v1', api_key='none', max_retries=0)
-        ask = dict(model=os.path.basename(sft), temperature=0, max_tokens=30)
-        replies = []
-        for question, _ in questions:
-            r = client.chat.completions.create(
-                messages=[{'role': 'user', 'content': question}], **ask)
-            assert r.choices[0].finish_reason == 'stop'  # it ended its turn with <|end|>
-            replies.append(r.choices[0].message.content)
-        stream = client.chat.completions.create(
-            messages=[{'role': 'user', 'content': questions[0][0]}], stream=True, **ask)
-        chunks = [c.choices[0].delta.content or '' for c in stream]
+    client = openai.OpenAI(base_url=sft_server + '/v1', api_key='none', max_retries=0)
+    ask = dict(model=os.path.basename(sft), temperature=0, max_tokens=30)
+    replies = []
+    for question, _ in questions:
+        r = client.chat.completions.create(messages=[{'role': 'user', 'content': question}], **ask)
+        assert r.choices[0].finish_reason == 'stop'  # it ended its turn with <|end|>
+        replies.append(r.choices[0].message.content)
     right = sum(reply == answer for reply, (_, answer) in zip(replies, questions))
     assert right >= 0.9 * len(questions), list(zip(replies, questions))
+    stream = client.chat.completions.create(
+        messages=[{'role': 'user', 'content': questions[0][0]}], stream=True, **ask)
+    chunks = [c.choices[0].delta.content or '' for c in stream]
     assert ''.join(chunks) == replies[0] and len([c for c in chunks if c]) > 3
+
+
+@pytest.mark.slow
+def test_the_playground_chats_with_the_model(sft_server):
+    """In headless Chromium: tick chat, ask two held-out questions; both replies appear in turn."""
+    webdriver = pytest.importorskip('selenium.webdriver', reason='pip install selenium')
+    if not (shutil.which('chromium') or shutil.which('chromium-browser')) or not shutil.which(
+            'chromedriver'):
+        pytest.skip("no Chromium/chromedriver: apt-get install chromium chromium-driver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    options = webdriver.ChromeOptions()
+    for arg in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage'):
+        options.add_argument(arg)
+    service = webdriver.ChromeService(executable_path=shutil.which('chromedriver'))
+    driver = webdriver.Chrome(options=options, service=service)
+    (q1, a1), (q2, a2) = held_out_questions()[:2]
+    try:
+        driver.get(sft_server + '/')
+        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, 'model').text)
+        driver.find_element(By.ID, 'chat').click()
+        driver.find_element(By.ID, 'temperature').clear()
+        driver.find_element(By.ID, 'temperature').send_keys('0')
+        for question in (q1, q2):
+            box = driver.find_element(By.ID, 'prompt')
+            box.clear()
+            box.send_keys(question)
+            driver.find_element(By.ID, 'generate').click()
+            WebDriverWait(driver, 30).until(
+                lambda d: 'tokens in' in d.find_element(By.ID, 'stats').text
+                and d.find_element(By.ID, 'generate').is_enabled())
+        assert driver.find_element(By.ID, 'output').text == (
+            f'You: {q1}\nModel: {a1}\nYou: {q2}\nModel: {a2}')
+    finally:
+        driver.quit()
+
+
+@pytest.mark.slow
+def test_an_exported_chat_model_speaks_the_format_in_transformers(sft, tmp_path):
+    transformers = pytest.importorskip('transformers')
+    from checkpoint import load_checkpoint
+    from export_hf import ExportConfig
+    from export_hf import main as export
+    folder = export(ExportConfig(out_dir=str(sft), hf_dir=str(tmp_path / 'hf')))
+    ours = Tokenizer(load_checkpoint(os.path.join(sft, 'best.pt'))['vocab'])
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    question, answer = held_out_questions()[0]
+    ids = prompt(ours, [{'role': 'user', 'content': question}])
+    assert theirs(ours.decode(ids))['input_ids'] == ids  # the turn tokens are read as tokens
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder)
+    assert hf.config.eos_token_id == ours.special[END]  # generation ends with the turn
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)
+    assert theirs.decode(out[0, len(ids):]) == answer + END
 
 
 def test_every_name_and_colour_of_the_held_out_pairs_is_also_in_train():
