@@ -2,7 +2,7 @@
 Conversations for supervised finetuning (SFT): a JSONL file of conversations in, token bins and the
 mask of the assistant's tokens out, in the chat format of chat_format.py.
 
-    python data/chat/prepare.py                         # downloads databricks-dolly-15k (13 MB)
+    python data/chat/prepare.py                         # downloads databricks-dolly-15k (~13 MB)
     python data/chat/prepare.py --input dolly.jsonl     # a local copy of it, offline
     python data/chat/prepare.py --input my_chats.jsonl --out_dir data/my_chats
     python data/chat/prepare.py --input my_chats.jsonl --vocab_of out-shakespeare-char-cpu \
@@ -11,8 +11,8 @@ mask of the assistant's tokens out, in the chat format of chat_format.py.
 Each line of the input is one conversation, in the format OpenAI's API and most chat datasets use:
     {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
 or one of databricks-dolly-15k (https://huggingface.co/datasets/databricks/databricks-dolly-15k,
-CC BY-SA 3.0, 15,011 human-written instructions), which becomes a user message (the instruction,
-then a blank line and the context when there is one) and the assistant's response:
+CC BY-SA 3.0, about 15,000 human-written instructions), which becomes a user message (the
+instruction, then a blank line and the context when there is one) and the assistant's response:
     {"instruction": "...", "context": "...", "response": "...", "category": "..."}
 
 The vocabulary is GPT-2's BPE plus the four chat tokens (ids 50257..50260), or with --vocab_of that
