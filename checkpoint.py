@@ -36,6 +36,7 @@ from errors import UserError
 from hf import from_pretrained
 from lora import apply_lora, merge_lora
 from model import GPT, MODERN_SWITCHES, GPTConfig
+from parallel import load_optimizer_state, state_dicts
 from tokenizer import GPT2_VOCAB, Tokenizer
 
 FORMAT_VERSION = 1
@@ -217,10 +218,12 @@ def set_rng_state(state):
 
 def build_checkpoint(model, optimizer, scaler, cfg, iter_num, best_val_loss, vocab,
                      data_sha256=None):
-    """The checkpoint dict of a run after iter_num steps; model is the raw (uncompiled, unwrapped)
-    GPT; data_sha256 identifies the val.bin its val losses were measured on."""
-    return {'format_version': FORMAT_VERSION, 'model': model.state_dict(),
-            'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+    """The checkpoint dict of a run after iter_num steps; model is the raw (uncompiled, un-DDP'd)
+    GPT; data_sha256 identifies the val.bin its val losses were measured on. Under FSDP every
+    process must call it (the state is gathered), and only process 0's is whole."""
+    model_state, optimizer_state = state_dicts(model, optimizer)
+    return {'format_version': FORMAT_VERSION, 'model': model_state,
+            'optimizer': optimizer_state, 'scaler': scaler.state_dict(),
             'model_args': recorded_model_args(model.config), 'config': asdict(cfg),
             'iter_num': iter_num, 'best_val_loss': best_val_loss, 'vocab': vocab,
             'rng': rng_state(), 'data_sha256': data_sha256, 'lora': lora_args(cfg)}
@@ -234,10 +237,10 @@ def lora_args(cfg):
             'targets': cfg.lora_targets}
 
 
-def restore_training(ckpt, optimizer, scaler):
-    """Put the optimizer, the gradient scaler and every random generator back
-    as the checkpoint left them."""
-    optimizer.load_state_dict(ckpt['optimizer'])
+def restore_training(ckpt, model, optimizer, scaler):
+    """Put the optimizer (of model, which may be sharded), the gradient scaler and every random
+    generator back as the checkpoint left them."""
+    load_optimizer_state(model, optimizer, ckpt['optimizer'])
     # a run without fp16 saved an empty scaler state; resumed in fp16 it starts a fresh scaler
     if ckpt['scaler'] and scaler.is_enabled():
         scaler.load_state_dict(ckpt['scaler'])

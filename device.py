@@ -165,6 +165,32 @@ def check_memory(n_params, device, bytes_per_param=16):
                         "make it smaller")
 
 
+def reset_peak_memory(device):
+    """Measure peak_memory from now on."""
+    if device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device == 'cpu' and os.path.exists('/proc/self/clear_refs'):
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')  # Linux: VmHWM, the peak resident memory, restarts from the current
+        except OSError:
+            pass
+
+
+def peak_memory(device):
+    """The most memory in use since reset_peak_memory, in bytes: on a GPU what PyTorch's tensors
+    took (its allocator's count), on a CPU the process's peak resident memory (Linux's VmHWM:
+    everything, the Python interpreter included); None where neither is known (mps, macOS)."""
+    if device.startswith('cuda'):
+        return torch.cuda.max_memory_allocated(device)
+    if device == 'cpu' and os.path.exists('/proc/self/status'):
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024  # kB
+    return None
+
+
 # Dense tensor-core peaks in FLOP/s from NVIDIA's data sheets, to turn FLOP/s into MFU: (bf16/fp16,
 # tf32, fp32 without tensor cores). Matched to torch.cuda.get_device_name as whole words, most
 # specific first ('H100 PCIe' before 'H100', 'H200' before 'H20'; 'RTX A1000' is no 'A100').

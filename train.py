@@ -45,12 +45,13 @@ from checkpoint import (
 )
 from configurator import cli, print_config
 from dataset import estimate_loss, open_dataset, train_batches, val_sha256
-from device import peak_flops, resolve_device, setup
+from device import peak_flops, peak_memory, reset_peak_memory, resolve_device, setup
 from errors import UserError
 from hf import GPT2_NAMES
 from lora import parse_targets
 from model import MODERN_SWITCHES
 from optimizers import configure_optimizers
+from parallel import place, wrap
 from tokenizer import Tokenizer
 
 
@@ -123,6 +124,9 @@ class TrainConfig:
     # system
     # torch.distributed backend under torchrun: 'auto' = nccl on CUDA, gloo on CPU
     backend: str = 'auto'
+    # under torchrun: 'ddp' (a whole copy of the model per process) or 'fsdp' (parameters,
+    # gradients and optimizer state sharded across processes: see parallel.py)
+    parallelism: str = 'ddp'
     device: str = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
     # 'float32', 'bfloat16', 'float16', or 'auto':
     # bf16 on CUDA with bf16, else fp16 on CUDA, else fp32
@@ -287,6 +291,12 @@ def check_config(cfg):
                         f"leave {', '.join(changed)} at the default")
     if cfg.optimizer not in ('adamw', 'muon'):
         raise UserError(f"optimizer must be 'adamw' or 'muon', got {cfg.optimizer!r}")
+    if cfg.parallelism not in ('ddp', 'fsdp'):
+        raise UserError(f"parallelism must be 'ddp' or 'fsdp', got {cfg.parallelism!r}")
+    if cfg.parallelism == 'fsdp' and (cfg.optimizer == 'muon' or cfg.dtype == 'float16'):
+        raise UserError("parallelism='fsdp' works with optimizer='adamw' (Muon orthogonalises "
+                        "whole matrices) and dtype bfloat16 or float32 (no fp16 grad scaler for "
+                        "shards): change one of them")
     if (cfg.init_from not in ('scratch', 'resume', *GPT2_NAMES)
             and not os.path.exists(cfg.init_from)):
         raise UserError(f"init_from must be 'scratch', 'resume', one of {', '.join(GPT2_NAMES)}, "
@@ -344,44 +354,39 @@ def train(cfg, dev, rank, world_size, received, on_exit):
         print_config(cfg)
         print(f"device {dev.device}, dtype {dev.dtype}, compile {dev.compile}, "
               f"{world_size} process(es); {tokens_per_iter:,} tokens per step")
-    # init is overwritten by rank 0's weights under DDP; dropout differs
-    torch.manual_seed(cfg.seed + rank)
-
+    torch.manual_seed(cfg.seed)  # the same init on every process (FSDP shards it as it is)
     vocab, splits = open_dataset(cfg.dataset, cfg.data_dir, cfg.block_size)
     data_sha256 = val_sha256(cfg.dataset, cfg.data_dir)  # a resume must measure on the same val
     model, ckpt = init_model(cfg, vocab, Tokenizer(vocab).vocab_size, master, data_sha256,
                              dev.device)
+    if rank:
+        torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
     if master and not cfg.eval_only:  # out_dir is this run's until it ends: no other writes there
         on_exit.callback(os.close, claim_out_dir(cfg))
     iter_num, best_val_loss = ((ckpt['iter_num'], ckpt['best_val_loss']) if ckpt
                                else (0, float('inf')))
-    model.to(dev.device)
     model.checkpoint_blocks = cfg.activation_checkpointing
+    place(model, dev, world_size, cfg.parallelism)  # before the optimizer: FSDP's shards are new
     # A GradScaler only for fp16, whose narrow range would flush small gradients to zero.
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.dtype == 'float16')
     optimizer = configure_optimizers(model, cfg, dev.type)
     if ckpt:
-        restore_training(ckpt, optimizer, scaler)
+        restore_training(ckpt, model, optimizer, scaler)
         if rank:
             # other ranks' dropout streams, freshly drawn
             torch.manual_seed(cfg.seed + rank + iter_num)
         ckpt = None  # free the memory
-    raw_model = model  # what is saved: never the compiled or DDP-wrapped module
-    if dev.compile:
-        if master:
-            print("compiling the model... (takes a minute)")
-        model = torch.compile(model)
-    if world_size > 1:
-        # broadcast_buffers=False: the only buffers (rotary tables) are the same on every process
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[int(dev.device.split(':')[1])] if dev.type == 'cuda' else None,
-            broadcast_buffers=False)
+    raw_model = model  # what is saved: never the compiled or DDP-wrapped module (FSDP's is it)
+    model = wrap(model, dev, world_size, cfg.parallelism, master)
+    reset_peak_memory(dev.device)  # the memory the training steps need, not loading the model
     metrics = MetricsLog(cfg, iter_num, tokens_per_iter) if master and not cfg.eval_only else None
 
     def checkpoint(is_best):
-        save_checkpoint(build_checkpoint(raw_model, optimizer, scaler, cfg, iter_num,
-                                         best_val_loss, vocab, data_sha256),
-                        cfg.out_dir, is_best, cfg.keep_prev_checkpoint)
+        # every process takes part (FSDP gathers the state to process 0), process 0 writes
+        ckpt = build_checkpoint(raw_model, optimizer, scaler, cfg, iter_num, best_val_loss, vocab,
+                                data_sha256)
+        if master:
+            save_checkpoint(ckpt, cfg.out_dir, is_best, cfg.keep_prev_checkpoint)
 
     batches = train_batches(splits['train'], cfg, iter_num, rank, world_size, dev.device)
     local_accum = cfg.gradient_accumulation_steps // world_size
@@ -421,8 +426,8 @@ def train(cfg, dev, rank, world_size, received, on_exit):
                     and (is_best or cfg.always_save_checkpoint)):
                 if is_best:
                     best_val_loss = losses['val']  # only ever goes down: it is the loss of best.pt
+                checkpoint(is_best)
                 if master:
-                    checkpoint(is_best)
                     print(f"saved checkpoint to {cfg.out_dir}" + (" (new best)" if is_best else ""))
                 saved = True
             # evaluation time doesn't count as training time
@@ -431,9 +436,9 @@ def train(cfg, dev, rank, world_size, received, on_exit):
             break
         # a graceful stop: ckpt.pt gets this step (best.pt moves only at evaluations)
         if stop_signal:
+            if not saved:
+                checkpoint(is_best=False)
             if master:
-                if not saved:
-                    checkpoint(is_best=False)
                 print(f"stopped by {signal.Signals(stop_signal).name} at iter {iter_num}, saved to "
                       f"{os.path.join(cfg.out_dir, 'ckpt.pt')}; "
                       "to continue, run the same command with --init_from=resume", flush=True)
@@ -443,7 +448,7 @@ def train(cfg, dev, rank, world_size, received, on_exit):
         for group in optimizer.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)  # Muon's groups have their own peak
         loss_sum = train_step(model, optimizer, scaler, dev.autocast, batches, local_accum,
-                              cfg.grad_clip, ddp=world_size > 1)
+                              cfg.grad_clip, ddp=world_size > 1 and cfg.parallelism == 'ddp')
         iter_num += 1
         bad_iter = torch.where((bad_iter < 0) & ~loss_sum.isfinite(), iter_num, bad_iter)
         # Before this step's weights can reach a checkpoint or a log line: was every loss so far
@@ -468,6 +473,7 @@ def train(cfg, dev, rank, world_size, received, on_exit):
             # The run's first step (compilation, allocator, caches) is left out of the averages
             warm = window_start > start_iter
             t_log, window_start = time.perf_counter(), iter_num
+            mem = peak_memory(dev.device)  # bytes, this process's
             if master:
                 if warm:
                     mfu = flops_per_iter / dt / peak if peak else None
@@ -478,9 +484,11 @@ def train(cfg, dev, rank, world_size, received, on_exit):
                       f"({100 * iter_num / max(cfg.max_iters, 1):.0f}%): loss {lossf:.4f}, "
                       f"lr {lr:.2e}, {dt * 1000:.1f} ms, {tokens_per_iter / dt:,.0f} tok/s, "
                       + (f"mfu {100 * mfu:.1f}%, " if mfu is not None else '')
+                      + (f"peak mem {mem / 2**30:.2f} GiB, " if mem else '')
                       + f"eta {eta}", flush=True)
                 metrics.log(iter_num, train_loss=lossf, lr=lr, ms_per_iter=round(dt * 1000, 3),
-                            **({'mfu': round(mfu, 5)} if mfu is not None else {}))
+                            **({'mfu': round(mfu, 5)} if mfu is not None else {}),
+                            **({'peak_mem_gib': round(mem / 2**30, 3)} if mem else {}))
     if metrics:
         metrics.close()
     return {'iter_num': iter_num, 'best_val_loss': best_val_loss, 'losses': losses,

@@ -23,7 +23,10 @@ def test_metrics_log_has_one_row_per_logged_step_and_per_eval(tmp_path, char_dat
     tokens_per_iter = 8 * 32  # batch_size x block_size
     assert all(r['tokens'] == r['iter'] * tokens_per_iter for r in rows)
     # (and 'mfu' on a GPU whose peak the data-sheet table knows)
-    assert set(steps[0]) == {'iter', 'tokens', 'train_loss', 'lr', 'ms_per_iter', 'time'}
+    assert set(steps[0]) == {'iter', 'tokens', 'train_loss', 'lr', 'ms_per_iter', 'time',
+                             'peak_mem_gib'}
+    # the process's peak resident memory (Linux): the interpreter, torch and the tiny model
+    assert 0.1 < steps[0]['peak_mem_gib'] < 4
     assert set(evals[0]) == {'iter', 'tokens', 'eval_train_loss', 'val_loss', 'time'}
     assert steps[-1]['train_loss'] < evals[0]['val_loss']  # it learnt something
 

@@ -127,7 +127,7 @@ def test_an_fp16_resume_takes_any_checkpoint(tmp_path, char_data, saved_in):
     model, _ = init_model(resumed, ckpt['vocab'], 65, verbose=False)
     for enabled in (True, False):  # resumed in fp16 (a CPU scaler stands in for CUDA's), or not
         scaler = torch.amp.GradScaler('cpu', enabled=enabled)
-        restore_training(ckpt, configure_optimizers(model, resumed, 'cpu'), scaler)
+        restore_training(ckpt, model, configure_optimizers(model, resumed, 'cpu'), scaler)
         if enabled:
             assert scaler.get_scale() == (512.0 if fp16_state else 65536.0)  # else a fresh scaler
 

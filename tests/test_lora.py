@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
-from conftest import fails, same_weights, tiny_gpt, tiny_train_config, weights
 
 import train
 from checkpoint import load_checkpoint, load_model, model_from_checkpoint
+from conftest import fails, same_weights, tiny_gpt, tiny_train_config, weights
 from lora import LoRALinear, apply_lora, merge_lora
 
 
