@@ -4,6 +4,7 @@ of a base model trained here on a made-up rule lowers the held-out assistant los
 model's, after which it answers held-out questions by the rule in chat.py, sample.py and through
 the server's chat endpoint with the `openai` client."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from checkpoint import grow_vocab, padded_vocab_size
 from conftest import (
     REPO,
     fails,
+    max_diff,
     metrics,
     run_script,
     same_weights,
@@ -228,6 +230,27 @@ def test_sft_resumes_exactly(tmp_path, chat_data):
     train.main(tiny_train_config(tmp_path / 'twice', chat_data, **{**cfg, 'max_iters': 6}))
     train.main(tiny_train_config(tmp_path / 'twice', chat_data, **cfg, init_from='resume'))
     assert same_weights(weights(tmp_path / 'once'), weights(tmp_path / 'twice'))
+
+
+@pytest.mark.slow
+def test_sft_with_lora_under_two_fsdp_processes_learns_what_one_process_learns(tmp_path,
+                                                                                trained_run,
+                                                                                chat_data):
+    """A character model of ours, grown by the chat rows, adapted by LoRA on conversations: two
+    FSDP processes (gloo) end where one process ends, and the assistant loss went down."""
+    from test_ddp import SETTINGS, torchrun
+    two = tiny_train_config(tmp_path / 'two', chat_data, dataset='secret_words', block_size=24,
+                            gradient_accumulation_steps=4, **SETTINGS, parallelism='fsdp',
+                            init_from=str(trained_run), lora_rank=4, lora_alpha=8.0,
+                            lora_targets='all', learning_rate=1e-2)
+    r = torchrun(2, two)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = dataclasses.replace(two, out_dir=str(tmp_path / 'one'), parallelism='ddp')
+    train.main(one)
+    a, b = weights(tmp_path / 'two'), weights(tmp_path / 'one')
+    assert a['transformer.wte.weight'].shape[0] == 69 and max_diff(a, b) < 1e-5
+    evals = [row['val_loss'] for row in metrics(tmp_path / 'one') if 'val_loss' in row]
+    assert evals[-1] < evals[0]
 
 
 def test_chat_py_refuses_a_model_without_a_chat_format(out_dir, capsys):
