@@ -30,6 +30,18 @@ def read_text(path, url=None, default_path=None):
                         "(convert it, e.g. iconv -f latin1 -t utf-8)") from None
 
 
+def read_jsonl(path):
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not JSON is a
+    UserError naming it."""
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
+
+
 def download(url, path):
     """url's bytes to path, showing the MB received; path appears only once all have arrived."""
     import requests

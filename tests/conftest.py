@@ -71,6 +71,24 @@ def serving(out_dir, *args):
         proc.wait(10)
 
 
+@contextlib.contextmanager
+def chromium():
+    """A headless Chromium driven by selenium (skips without them); quit on the way out."""
+    webdriver = pytest.importorskip('selenium.webdriver', reason='pip install selenium')
+    if not (shutil.which('chromium') or shutil.which('chromium-browser')) or not shutil.which(
+            'chromedriver'):
+        pytest.skip("no Chromium/chromedriver: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    for arg in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage'):
+        options.add_argument(arg)
+    service = webdriver.ChromeService(executable_path=shutil.which('chromedriver'))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
 def flags(cfg):
     """The command line that gives cfg, a config dataclass or a dict of some of its keys."""
     items = dataclasses.asdict(cfg).items() if dataclasses.is_dataclass(cfg) else cfg.items()

@@ -7,7 +7,6 @@ the server's chat endpoint with the `openai` client."""
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -30,6 +29,7 @@ from chat_format import (
 from checkpoint import grow_vocab, padded_vocab_size
 from conftest import (
     REPO,
+    chromium,
     fails,
     max_diff,
     metrics,
@@ -176,17 +176,18 @@ def test_a_batch_counts_exactly_the_targets_that_are_assistant_tokens(chat_data)
 
 
 @pytest.mark.parametrize('line, why', [
-    ('{"messages": [', 'line 2: not JSON'),
-    ('{"messages": [{"role": "robot", "content": "hi"}]}', "line 2: message 0 has role 'robot'"),
-    ('{"messages": []}', 'line 2: the conversation is empty'),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', 'line 2: no assistant message'),
-    ('{"text": "hi"}', "line 2: expected an object with 'messages'")])
+    ('{"messages": [', 'not JSON'),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}', "message 0 has role 'robot'"),
+    ('{"messages": []}', 'the conversation is empty'),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', 'no assistant message'),
+    ('{"text": "hi"}', "expected an object with 'messages'")])
 def test_prepare_refuses_a_bad_line_naming_it(tmp_path, gpt2_bpe, line, why):
     good = json.dumps({'messages': EDGE_CASES[0]})
     (tmp_path / 'in.jsonl').write_text(good + '\n' + line + '\n')
     r = run_script('data/chat/prepare.py', '--input', str(tmp_path / 'in.jsonl'),
                    '--out_dir', str(tmp_path))
-    assert r.returncode == 2 and r.stderr.count('\n') == 1 and why in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
+    assert f'in.jsonl:2: {why}' in r.stderr  # the file and line of the first bad one
     assert not os.path.exists(tmp_path / 'meta.json')
 
 
@@ -345,19 +346,10 @@ def test_the_server_answers_held_out_questions_by_the_rule(sft, sft_server):
 @pytest.mark.slow
 def test_the_playground_chats_with_the_model(sft_server):
     """In headless Chromium: tick chat, ask two held-out questions; both replies appear in turn."""
-    webdriver = pytest.importorskip('selenium.webdriver', reason='pip install selenium')
-    if not (shutil.which('chromium') or shutil.which('chromium-browser')) or not shutil.which(
-            'chromedriver'):
-        pytest.skip("no Chromium/chromedriver: apt-get install chromium chromium-driver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-    options = webdriver.ChromeOptions()
-    for arg in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage'):
-        options.add_argument(arg)
-    service = webdriver.ChromeService(executable_path=shutil.which('chromedriver'))
-    driver = webdriver.Chrome(options=options, service=service)
-    (q1, a1), (q2, a2) = held_out_questions()[:2]
-    try:
+    with chromium() as driver:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+        (q1, a1), (q2, a2) = held_out_questions()[:2]
         driver.get(sft_server + '/')
         WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, 'model').text)
         driver.find_element(By.ID, 'chat').click()
@@ -373,8 +365,6 @@ def test_the_playground_chats_with_the_model(sft_server):
                 and d.find_element(By.ID, 'generate').is_enabled())
         assert driver.find_element(By.ID, 'output').text == (
             f'You: {q1}\nModel: {a1}\nYou: {q2}\nModel: {a2}')
-    finally:
-        driver.quit()
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@ without changing their text, and serve.py answers OpenAI's clients (the real `op
 real browser) with sample.py's text and the model's own log-probabilities."""
 
 import os
-import shutil
 import threading
 import time
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import serving, tiny_gpt, tiny_train_config
+from conftest import chromium, serving, tiny_gpt, tiny_train_config
 from engine import Engine, Row
 from generation import RowKVCache, generate
 from tokenizer import Tokenizer
@@ -272,18 +271,9 @@ def test_concurrent_clients_get_their_own_text_and_a_leaving_client_frees_its_ro
 @pytest.mark.slow
 def test_the_playground_streams_text_into_the_page(server):
     """In headless Chromium: type a prompt, press Generate, see the text grow as it streams."""
-    webdriver = pytest.importorskip('selenium.webdriver', reason='pip install selenium')
-    if not (shutil.which('chromium') or shutil.which('chromium-browser')) or not shutil.which(
-            'chromedriver'):
-        pytest.skip("no Chromium/chromedriver: apt-get install chromium chromium-driver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-    options = webdriver.ChromeOptions()
-    for arg in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage'):
-        options.add_argument(arg)
-    service = webdriver.ChromeService(executable_path=shutil.which('chromedriver'))
-    driver = webdriver.Chrome(options=options, service=service)
-    try:
+    with chromium() as driver:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
         driver.get(server + '/')
         WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, 'model').text)
         box = driver.find_element(By.ID, 'prompt')
@@ -301,8 +291,6 @@ def test_the_playground_streams_text_into_the_page(server):
         assert len([n for n in seen if len('JULIET:') < n < len(output.text)]) >= 2
         assert output.text.startswith('JULIET:') and len(output.text) > len('JULIET:') + 200
         assert '400 tokens' in driver.find_element(By.ID, 'stats').text
-    finally:
-        driver.quit()
 
 
 def test_the_chat_template_is_one_role_line_per_message():

@@ -33,7 +33,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from chat_format import chat_vocab, render  # noqa: E402
 from configurator import cli  # noqa: E402
-from data.common import download, write_dataset  # noqa: E402
+from data.common import download, read_jsonl, write_dataset  # noqa: E402
 from errors import UserError  # noqa: E402
 from tokenizer import GPT2_VOCAB, Tokenizer  # noqa: E402
 
@@ -69,24 +69,16 @@ def read_conversations(path, tokenizer):
     """Every conversation of the JSONL file at path, rendered: a list of (ids, mask). A line that
     is not one is a UserError naming it."""
     conversations = []
-    with open(path, encoding='utf-8') as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                try:
-                    record = json.loads(line)
-                except ValueError as e:
-                    raise UserError(f"not JSON ({e})") from None
-                messages = messages_of(record)
-                ids, mask = render(tokenizer, messages)
-                if not any(mask):
-                    raise UserError("no assistant message with content: nothing to learn from it")
-            except UserError as e:
-                raise UserError(f"{path} line {n}: {e}") from None
-            conversations.append((ids, mask))
-            if len(conversations) % 1000 == 0:
-                print(f"\r{len(conversations):,} conversations", end='', flush=True)
+    for n, record in read_jsonl(path):
+        try:
+            ids, mask = render(tokenizer, messages_of(record))
+            if not any(mask):
+                raise UserError("no assistant message with content: nothing to learn from it")
+        except UserError as e:
+            raise UserError(f"{path}:{n}: {e}") from None
+        conversations.append((ids, mask))
+        if len(conversations) % 1000 == 0:
+            print(f"\r{len(conversations):,} conversations", end='', flush=True)
     print(f"\r{len(conversations):,} conversations read from {path}")
     if not conversations:
         raise UserError(f"{path} holds no conversations")
