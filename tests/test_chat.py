@@ -277,8 +277,8 @@ def sft(tmp_path_factory, char_data):
                                  lr_decay_iters=100, eval_interval=100))
     data = prepare_chat(tmp / 'data', tmp / 'base')
     train.main(tiny_train_config(tmp / 'out', data, **shape, dataset='secret_words',
-                                 init_from=str(tmp / 'base'), learning_rate=3e-3, max_iters=300,
-                                 lr_decay_iters=300, warmup_iters=20, eval_interval=300,
+                                 init_from=str(tmp / 'base'), learning_rate=3e-3, max_iters=200,
+                                 lr_decay_iters=200, warmup_iters=20, eval_interval=200,
                                  eval_iters=20))
     return tmp / 'out'
 
