@@ -8,6 +8,8 @@ OpenAI's GPT-2 itself.
         --max_new_tokens=200
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --stop=JULIET: \
         --device=cpu
+    python sample.py --out_dir=out-sft-chat-cpu --start="What is the secret word for pink?"
+(the last: a chat model, docs/chat.md: --start is the user's message, a sample the reply)
 
 One sample is printed as it is generated; several are generated together as one batch and printed at
 the end. Sample i draws from its own random stream, seeded with seed + i, so it is the same
