@@ -5,6 +5,7 @@ model's, after which it answers held-out questions by the rule in chat.py, sampl
 the server's chat endpoint with the `openai` client."""
 
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -252,6 +253,26 @@ def test_sft_with_lora_under_two_fsdp_processes_learns_what_one_process_learns(t
     assert a['transformer.wte.weight'].shape[0] == 69 and max_diff(a, b) < 1e-5
     evals = [row['val_loss'] for row in metrics(tmp_path / 'one') if 'val_loss' in row]
     assert evals[-1] < evals[0]
+
+
+def test_chat_py_keeps_the_history_clears_it_and_quits_at_the_end_of_input(tmp_path, chat_data,
+                                                                           monkeypatch, capsys):
+    import chat
+    train.main(tiny_train_config(tmp_path, chat_data, dataset='secret_words', block_size=24,
+                                 max_iters=2, eval_interval=2, eval_iters=1))
+    question = 'Ben asks: what is the secret word for red?'
+
+    def talk(*lines, system=''):  # what chat.py holds when the input ends (Ctrl-D)
+        monkeypatch.setattr('sys.stdin', io.StringIO(''.join(line + '\n' for line in lines)))
+        return chat.main(chat.ChatConfig(out_dir=str(tmp_path), device='cpu', system=system,
+                                         max_new_tokens=6, temperature=0))
+    two = talk(question, question)
+    assert [m['role'] for m in two] == ['user', 'assistant', 'user', 'assistant']
+    shown = capsys.readouterr().out
+    assert all(f'> {m["content"]}\n' in shown for m in two if m['role'] == 'assistant')
+    assert [m['role'] for m in talk(question, '/clear', question)] == ['user', 'assistant']
+    assert [m['role'] for m in talk(question, '/clear', question, system='Be brief.')] == [
+        'system', 'user', 'assistant']
 
 
 def test_chat_py_refuses_a_model_without_a_chat_format(out_dir, capsys):
