@@ -138,12 +138,14 @@ def write_jsonl(path, convs):
 
 
 def prepare_chat(out, vocab_of):
-    """The secret-words set prepared by data/chat/prepare.py in vocab_of's vocabulary."""
+    """The secret-words set prepared by data/chat/prepare.py in vocab_of's vocabulary (None:
+    GPT-2's BPE)."""
     train_set, held_out = secret_words()
     out.mkdir(exist_ok=True)
     write_jsonl(out / 'secret_words.jsonl', train_set + held_out)
     r = run_script('data/chat/prepare.py', '--input', str(out / 'secret_words.jsonl'),
-                   '--vocab_of', str(vocab_of), '--out_dir', str(out), '--val_fraction', '0.2')
+                   *(['--vocab_of', str(vocab_of)] if vocab_of else []), '--out_dir', str(out),
+                   '--val_fraction', '0.2')
     assert r.returncode == 0, r.stderr
     return out
 
@@ -206,23 +208,32 @@ def test_a_grown_model_keeps_its_logits_and_gets_average_rows_for_the_new_tokens
     assert 0.01 < noise.std().item() < 0.03 and len({tuple(r.tolist()) for r in wte[65:]}) == 4
 
 
-def test_init_from_gpt2_grows_rows_for_the_chat_tokens_and_computes_what_it_did(tmp_path,
-                                                                                 gpt2_bpe):
-    """OpenAI's GPT-2 has 50257 rows: it gets the padded 50304 a model trained here has."""
+@pytest.mark.slow
+def test_finetuning_gpt2_on_conversations_grows_its_rows_and_keeps_them_for_sampling(tmp_path,
+                                                                                     gpt2_bpe):
+    """OpenAI's GPT-2 (a tiny stand-in folder) has 50257 rows: it gets the padded 50304 a model
+    trained here has, computes what it did, and its checkpoint loads with the chat rows."""
     transformers = pytest.importorskip('transformers')
-    from checkpoint import init_model
+    from checkpoint import init_model, load_model
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=50257)).eval()
     hf.save_pretrained(tmp_path / 'hf')
-    vocab = chat_vocab(GPT2_VOCAB)
-    cfg = tiny_train_config(tmp_path / 'out', tmp_path, init_from=str(tmp_path / 'hf'))
+    data = prepare_chat(tmp_path / 'data', vocab_of=None)  # GPT-2's BPE and the chat tokens
+    cfg = tiny_train_config(tmp_path / 'out', data, dataset='chat', init_from=str(tmp_path / 'hf'),
+                            max_iters=2, eval_interval=2, eval_iters=1)
+    vocab, _ = open_dataset('chat', str(data))
     model, _ = init_model(cfg, vocab, Tokenizer(vocab).vocab_size, verbose=False)
     assert model.config.vocab_size == 50304
     idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, theirs = model.eval()(idx, targets=idx)[0], hf(idx).logits
     assert (ours[..., :50257] - theirs).abs().max() < 1e-4
+    train.main(cfg)
+    model, tokenizer, _ = load_model(out_dir=cfg.out_dir)
+    assert model.config.vocab_size == tokenizer.vocab_size == 50261  # the padding cut, not the chat
+    ids = prompt(tokenizer, [{'role': 'user', 'content': 'Hi'}])
+    assert ids[-1] == 50259 and model(torch.tensor([ids]))[0].shape[-1] == 50261
 
 
 def test_sft_resumes_exactly(tmp_path, chat_data):
