@@ -260,10 +260,11 @@ def padded_vocab_size(vocab_size, multiple=64):
 def grow_vocab(model, rows):
     """model with `rows` token embeddings (and logits), its own first: the rows a vocabulary with
     new tokens needs (the chat format's, see chat_format.py). Each new row is the mean of the old
-    ones plus N(0, 0.02) noise (GPT-2's init std): an average token, so that no logit of the tied
-    head jumps at the first step and the model's text is as before until it has learned them, and
-    each a little different, so that the new tokens are told apart from the start (Hewitt 2021,
-    "Initializing new word embeddings for pretrained language models")."""
+    ones plus N(0, 0.02) noise (GPT-2's init std): an average token, whose logit under the tied
+    head is the mean of the old ones' (h . mean(E) = mean(h . E)), so it starts unlikely rather
+    than at a random logit, and each a little different, so that the new tokens are told apart
+    from the start (Hewitt 2021, "Initializing new word embeddings for pretrained language
+    models"). The old tokens' logits do not change."""
     old = model.config.vocab_size
     noise = 0.02 * torch.randn(rows - old, model.config.n_embd,
                                generator=torch.Generator().manual_seed(0))
