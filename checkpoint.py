@@ -26,7 +26,7 @@ import os
 import random
 import shutil
 import zipfile
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
@@ -257,6 +257,24 @@ def padded_vocab_size(vocab_size, multiple=64):
     return vocab_size if vocab_size <= 1024 else -(-vocab_size // multiple) * multiple
 
 
+def grow_vocab(model, rows):
+    """model with `rows` token embeddings (and logits), its own first: the rows a vocabulary with
+    new tokens needs (the chat format's, see chat_format.py). Each new row is the mean of the old
+    ones plus N(0, 0.02) noise (GPT-2's init std): an average token, whose logit under the tied
+    head is the mean of the old ones' (h . mean(E) = mean(h . E)), so it starts unlikely rather
+    than at a random logit, and each a little different, so that the new tokens are told apart
+    from the start (Hewitt 2021, "Initializing new word embeddings for pretrained language
+    models"). The old tokens' logits do not change."""
+    old = model.config.vocab_size
+    noise = 0.02 * torch.randn(rows - old, model.config.n_embd,
+                               generator=torch.Generator().manual_seed(0))
+    state = model.state_dict()
+    for key in ('transformer.wte.weight', 'lm_head.weight'):  # the same tensor for a tied head
+        w = state[key]
+        state[key] = torch.cat([w, (w.mean(0) + noise).to(w.dtype)])
+    return GPT.from_state_dict(replace(model.config, vocab_size=rows), state)
+
+
 def init_model(cfg, vocab, vocab_size, verbose=True, data_sha256=None, device='cpu'):
     """The model a training run starts from, on the CPU, and the checkpoint it resumes (else None):
     cfg.init_from='scratch' (a new GPT of cfg's shape), 'resume' (out_dir/ckpt.pt, checked against
@@ -339,9 +357,12 @@ def init_model(cfg, vocab, vocab_size, verbose=True, data_sha256=None, device='c
         raise UserError(f"{cfg.init_from} has {model.config.block_size} positions, fewer than "
                         f"block_size {cfg.block_size}: "
                         f"use --block_size={model.config.block_size} or less")
-    if model.config.vocab_size < vocab_size:
+    n_special = len(vocab.get('special', ()))  # tokens above the base vocabulary (chat_format)
+    if model.config.vocab_size < vocab_size - n_special:
         raise UserError(f"{cfg.init_from} has {model.config.vocab_size} token embeddings, "
-                        f"fewer than the dataset's {vocab_size} tokens")
+                        f"fewer than the dataset's {vocab_size - n_special} tokens")
+    if model.config.vocab_size < vocab_size:  # e.g. OpenAI's 50257: no rows for special tokens
+        model = grow_vocab(model, padded_vocab_size(vocab_size))
     model.crop_block_size(cfg.block_size)
     say(f"initialising from {source}, {model.get_num_params() / 1e6:.2f}M parameters, "
         f"block_size {cfg.block_size}")
@@ -370,9 +391,13 @@ def checkpoint_file(init_from):
 
 
 def same_token_ids(a, b):
-    """Whether every token id of vocabulary spec a means the same in spec b: the same spec, or the
-    same BPE (special tokens added above its ids change none of them)."""
-    return a == b or (a['kind'] == b['kind'] == 'tiktoken' and a['encoding'] == b['encoding'])
+    """Whether every token id of vocabulary spec a means the same in spec b: the same base
+    vocabulary, and a's special tokens the first of b's (tokens added above its ids, such as the
+    chat format's, change none of them)."""
+    def base(spec):
+        return {k: v for k, v in spec.items() if k != 'special'}
+    special = a.get('special', [])
+    return base(a) == base(b) and b.get('special', [])[:len(special)] == special
 
 
 def load_model(init_from='resume', out_dir='out', ckpt_name='best.pt'):

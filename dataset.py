@@ -4,6 +4,11 @@ and meta.json (the vocabulary spec). The bins are memory-mapped, never loaded wh
 
 Batches are a function of (seed, split, index) only: a run sees the same data whatever the number of
 processes, and a resumed run the same data as one that never stopped.
+
+A conversation dataset (data/chat/prepare.py) also has train_mask.bin and val_mask.bin (uint8, one
+per token: 1 where the token is one to learn, the assistant's). Its splits carry their mask as
+`.mask`, and get_batch sets the targets of the other tokens to -1, which the loss ignores: training
+and estimate_loss then count the assistant's tokens only, with no change to the loop.
 """
 
 import itertools
@@ -51,6 +56,13 @@ def open_dataset(dataset, data_dir='', block_size=1, splits=('train', 'val')):
         if len(data) <= block_size:
             raise UserError(f"the {split} split of '{dataset}' has {len(data)} tokens, too few for "
                             f"block_size {block_size}: use a smaller --block_size or more text")
+        if recorded and 'mask' in recorded:
+            mask_path = os.path.join(data_dir, f'{split}_mask.bin')
+            if (not os.path.isfile(mask_path) or os.path.getsize(mask_path) != len(data)
+                    or len(data) <= 2**30 and file_sha256(mask_path) != recorded['mask']['sha256']):
+                raise UserError(f"{mask_path} is missing or is not the file meta.json beside it "
+                                f"describes: run `{prepare}` again")
+            data.mask = np.memmap(mask_path, dtype=np.uint8, mode='r')
         out[split] = data
     return meta['vocab'], out
 
@@ -99,12 +111,20 @@ def get_windows(data, offsets, block_size, device='cpu'):
 
 def get_batch(data, block_size, batch_size, seed, rows=None, device='cpu'):
     """x, y (B, block_size) from random windows of `data`, drawn from torch.Generator(seed); `rows`
-    picks a slice of them (one process's micro-batch of a step's global batch)."""
+    picks a slice of them (one process's micro-batch of a step's global batch). Where data has a
+    mask (a conversation dataset), y is -1 where the target token is not one to learn: position t
+    counts in the loss iff token t + 1 of its window is marked in the mask."""
     g = torch.Generator().manual_seed(seed)
     offsets = torch.randint(len(data) - block_size, (batch_size,), generator=g).tolist()
     if rows is not None:
         offsets = offsets[rows]
-    return get_windows(data, offsets, block_size, device)
+    x, y = get_windows(data, offsets, block_size, device)
+    mask = getattr(data, 'mask', None)
+    if mask is not None:
+        # the mask of the targets: y's tokens, i + 1 .. i + block_size
+        learn = torch.from_numpy(np.stack([mask[i + 1:i + block_size + 1] for i in offsets]))
+        y = y.masked_fill(learn.to(y.device) == 0, -1)  # (B, block_size)
+    return x, y
 
 
 def train_batches(data, cfg, start_step=0, rank=0, world_size=1, device='cpu'):
@@ -119,10 +139,13 @@ def train_batches(data, cfg, start_step=0, rank=0, world_size=1, device='cpu'):
     global_rows = cfg.gradient_accumulation_steps * cfg.batch_size
     path = getattr(data, 'filename', None)  # None for an array in memory (bench.py's tokens)
     reopen = path is not None and os.path.getsize(path) > 2**30
+    mask = getattr(data, 'mask', None)
     for step in itertools.count(start_step):
         for micro in range(local_accum):
             if reopen:
                 data = np.memmap(path, dtype=np.uint16, mode='r')
+                if mask is not None:
+                    data.mask = mask
             first = (rank * local_accum + micro) * cfg.batch_size
             yield get_batch(data, cfg.block_size, global_rows, batch_seed(cfg.seed, 'train', step),
                             rows=slice(first, first + cfg.batch_size), device=device)

@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from chat_format import END
 from errors import UserError
 from model import GPT, MODERN_SWITCHES, GPTConfig
 
@@ -65,7 +66,8 @@ def export_hf(model, folder, tokenizer=None):
     transformers.GPT2LMHeadModel.from_pretrained loads: the inverse of from_pretrained. A model
     without biases gets zero biases, which compute the same function. With a tokenizer
     (tokenizer.Tokenizer) its files are written too, so the folder is all transformers needs, and
-    its end-of-text token (50256 in GPT-2's BPE; none in a character vocabulary) is the eos."""
+    its end-of-text token (50256 in GPT-2's BPE; none in a character vocabulary) is the eos, or for
+    a chat model its <|end|> (chat_format.py)."""
     try:
         from safetensors.torch import save_file
     except ImportError:
@@ -73,6 +75,8 @@ def export_hf(model, folder, tokenizer=None):
                         "pip install safetensors") from None
     c = model.config
     eos_token_id = tokenizer.eot_token if tokenizer is not None else None
+    if tokenizer is not None and END in tokenizer.special:  # a chat model ends its turn there
+        eos_token_id = tokenizer.special[END]
     if not c.is_gpt2():
         raise UserError("only GPT-2's architecture exports to a Hugging Face GPT-2 folder: "
                         f"this model has one of {', '.join(MODERN_SWITCHES)} "
@@ -151,7 +155,8 @@ def write_tokenizer(tokenizer, folder, block_size):
         ranks = tokenizer.enc._mergeable_ranks  # bytes -> id, the BPE's whole vocabulary
         b2u = bytes_to_unicode()
         text = lambda b: ''.join(b2u[x] for x in b)  # noqa: E731
-        vocab = {text(b): i for b, i in ranks.items()} | {'<|endoftext|>': tokenizer.eot_token}
+        vocab = ({text(b): i for b, i in ranks.items()} | {'<|endoftext|>': tokenizer.eot_token}
+                 | tokenizer.special)
         with open(os.path.join(folder, 'vocab.json'), 'w', encoding='utf-8') as f:
             json.dump(vocab, f, ensure_ascii=False)
         with open(os.path.join(folder, 'merges.txt'), 'w', encoding='utf-8') as f:
@@ -167,9 +172,12 @@ def write_tokenizer(tokenizer, folder, block_size):
         # every character its own piece, newlines and spaces included; decode joins them as they are
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r'[\s\S]'), behavior='isolated')
         tok.decoder = decoders.Fuse()
+        tok.add_special_tokens(list(tokenizer.special))  # ids len(chars).., as ours
         tok.save(os.path.join(folder, 'tokenizer.json'))
         config = {'tokenizer_class': 'PreTrainedTokenizerFast'}
     # model_max_length: the model's context, which lm-evaluation-harness and pipelines respect
     config |= {'model_max_length': block_size, 'clean_up_tokenization_spaces': False}
+    if tokenizer.special:  # e.g. the chat format's: each read as its one token, never as text
+        config['additional_special_tokens'] = list(tokenizer.special)
     with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
         json.dump(config, f, indent=2)

@@ -18,35 +18,28 @@ context. Then
 the delimiter; for ASCII text characters are bytes). Ties go to the first ending, as numpy's argmax.
 """
 
-import json
 import math
 from contextlib import nullcontext
 
 import torch
 
+from data.common import read_jsonl
 from errors import UserError
 
 
 def load_items(path):
     """The items of a multiple-choice JSONL file, each checked, as a list of dicts."""
     items = []
-    with open(path, encoding='utf-8') as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{line_no}: not JSON ({e.msg})") from None
-            endings, label = item.get('endings'), item.get('label')
-            if (not isinstance(item.get('context'), str) or not item['context'].strip()
-                    or not isinstance(endings, list) or len(endings) < 2
-                    or not all(isinstance(e, str) and e for e in endings)
-                    or not isinstance(label, int) or not 0 <= label < len(endings)):
-                raise UserError(f"{path}:{line_no}: an item needs a non-empty 'context', a list "
-                                "of two or more non-empty 'endings' and an int 'label' indexing "
-                                "them")
-            items.append(item)
+    for line_no, item in read_jsonl(path):
+        endings, label = item.get('endings'), item.get('label')
+        if (not isinstance(item.get('context'), str) or not item['context'].strip()
+                or not isinstance(endings, list) or len(endings) < 2
+                or not all(isinstance(e, str) and e for e in endings)
+                or not isinstance(label, int) or not 0 <= label < len(endings)):
+            raise UserError(f"{path}:{line_no}: an item needs a non-empty 'context', a list "
+                            "of two or more non-empty 'endings' and an int 'label' indexing "
+                            "them")
+        items.append(item)
     if not items:
         raise UserError(f"{path} holds no items")
     return items

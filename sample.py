@@ -8,6 +8,8 @@ OpenAI's GPT-2 itself.
         --max_new_tokens=200
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --stop=JULIET: \
         --device=cpu
+    python sample.py --out_dir=out-sft-chat-cpu --start="What is the secret word for pink?"
+(the last: a chat model, docs/chat.md: --start is the user's message, a sample the reply)
 
 One sample is printed as it is generated; several are generated together as one batch and printed at
 the end. Sample i draws from its own random stream, seeded with seed + i, so it is the same
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+import chat_format
 from checkpoint import load_model
 from configurator import cli
 from device import setup
@@ -41,6 +44,9 @@ class SampleConfig:
     top_p: float | None = None  # sample only among the top tokens holding this much probability
     # end a sample at the first occurrence of this text after the prompt (kept in the sample)
     stop: str = ''
+    # a chat model (docs/chat.md): start is a user's message and a sample the assistant's reply, up
+    # to its <|end|>; 'auto': when the checkpoint has the chat format
+    chat: bool | str = 'auto'
     # False re-runs the whole context for every token: the classic loop, much slower
     # (measured in docs/sampling.md)
     use_cache: bool = True
@@ -68,6 +74,8 @@ def main(cfg):
         raise UserError(f"top_k must be positive or None, got {cfg.top_k}")
     if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
         raise UserError(f"top_p must be in (0, 1] or None, got {cfg.top_p}")
+    if cfg.chat not in (True, False, 'auto'):
+        raise UserError(f"chat must be True, False or 'auto', got {cfg.chat!r}")
     dev = setup(cfg.device, cfg.dtype, cfg.compile, sample_rows=cfg.num_samples)
     device, dtype = dev.device, dev.dtype
     model, tokenizer, _ = load_model(cfg.init_from, cfg.out_dir, cfg.ckpt)
@@ -89,7 +97,17 @@ def main(cfg):
         except UnicodeDecodeError as e:
             raise UserError(f"prompt file {path} is not UTF-8 text (byte {e.start}): convert it, "
                             "e.g. iconv -f latin1 -t utf-8") from None
-    ids = tokenizer.encode(start)
+    stop, stop_token = cfg.stop, None
+    has_chat = chat_format.has_chat_format(tokenizer)
+    if cfg.chat is True and not has_chat:
+        raise UserError("chat=True needs a model finetuned on conversations (docs/chat.md); "
+                        "this checkpoint has no chat format")
+    if cfg.chat is True or cfg.chat == 'auto' and has_chat:
+        ids = chat_format.prompt(tokenizer, [{'role': 'user', 'content': start}])
+        start, stop = tokenizer.decode(ids), chat_format.END
+        stop_token = chat_format.stop_token(tokenizer)
+    else:
+        ids = tokenizer.encode(start)
     if not ids:
         raise UserError("the prompt is empty: give --start some text the model knows")
     B = cfg.num_samples
@@ -110,23 +128,23 @@ def main(cfg):
     # stream stay in fp32.
     with torch.no_grad(), dev.autocast:
         for step in generate_stream(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                                    cfg.top_p, use_cache=cfg.use_cache, keep=cfg.keep,
-                                    seeds=seeds):
+                                    cfg.top_p, stop=stop_token, use_cache=cfg.use_cache,
+                                    keep=cfg.keep, seeds=seeds):
             pending.append(step)
-            if not (streaming or cfg.stop):
+            if not (streaming or stop):
                 continue
             for row, tokens in zip(new, torch.stack(pending, dim=1).tolist()):
                 row += tokens
             pending = []
             # decode the whole sample so far:
             # a BPE token may hold only part of a multi-byte character
-            texts = [cut_at_stop(tokenizer.decode(row), cfg.stop) for row in new]
+            texts = [cut_at_stop(tokenizer.decode(row), stop) for row in new]
             if streaming:
                 # an unfinished character: print it once it is whole
                 shown = texts[0].rstrip('\ufffd')
                 print(shown[printed:], end='', flush=True)
                 printed = len(shown)
-            if cfg.stop and all(cfg.stop in text for text in texts):
+            if stop and all(stop in text for text in texts):
                 break
     if pending:
         for row, tokens in zip(new, torch.stack(pending, dim=1).tolist()):
@@ -134,7 +152,7 @@ def main(cfg):
     dt = time.perf_counter() - t0
     n_tokens = B * len(new[0])
 
-    samples = [start + cut_at_stop(tokenizer.decode(row), cfg.stop) for row in new]
+    samples = [start + cut_at_stop(tokenizer.decode(row), stop) for row in new]
     if streaming:
         print(samples[0][len(start) + printed:])
         print('---------------')

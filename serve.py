@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
+import chat_format
 from checkpoint import load_model
 from configurator import cli
 from device import setup
@@ -59,9 +60,10 @@ class ServeConfig:
     dtype: str = 'auto'
 
 
-# The one chat template: a base model has no chat format of its own, so the messages become plain
+# The chat template of a base model, which has no chat format of its own: the messages become plain
 # text, one "Role: content" line each, and the model continues after "Assistant:"; generation stops
-# where it would start the user's next turn.
+# where it would start the user's next turn. A model finetuned on conversations has its chat format
+# in its vocabulary (chat_format.py), and that is used instead.
 CHAT_ROLES = {'system': 'System', 'developer': 'System', 'user': 'User', 'assistant': 'Assistant'}
 CHAT_STOP = '\nUser:'
 
@@ -204,7 +206,8 @@ def create_app(cfg, model, tokenizer, engine, model_id):
                            f"({max_prompt})", param)
         return ids
 
-    def make_rows(req, prompts, max_tokens, stop, logprobs=None, echo=False):
+    def make_rows(req, prompts, max_tokens, stop, logprobs=None, echo=False,
+                  stop_token=tokenizer.eot_token):
         """The rows of a request: n per prompt, choice index = prompt * n + j."""
         if req.model != model_id:
             raise APIError(f"model {req.model!r} is not served here: this server serves "
@@ -225,7 +228,7 @@ def create_app(cfg, model, tokenizer, engine, model_id):
         seed = random.randrange(2**31) if req.seed is None else req.seed
         return [Row(p, max_tokens, None, temperature=req.temperature, top_k=req.top_k,
                     top_p=None if req.top_p >= 1.0 else req.top_p, seed=seed + j,
-                    stop=tuple(stop), stop_token=tokenizer.eot_token, logprobs=logprobs,
+                    stop=tuple(stop), stop_token=stop_token, logprobs=logprobs,
                     echo=echo) for p in ids for j in range(req.n)]
 
     @app.get('/health')
@@ -285,7 +288,17 @@ def create_app(cfg, model, tokenizer, engine, model_id):
         max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens) if m is not None),
                           256)  # a reply, not OpenAI's "until the context ends"
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        rows = make_rows(req, [chat_prompt(req.messages)], max_tokens, [CHAT_STOP] + stop)
+        if chat_format.has_chat_format(tokenizer):  # the model's own: it ends its turn with <|end|>
+            messages = [{'role': CHAT_ROLES[m.role].lower(), 'content': m.text()}
+                        for m in req.messages]
+            try:
+                ids = chat_format.prompt(tokenizer, messages, max_prompt)  # latest turns
+            except UserError as e:  # characters a character-level model has no tokens for
+                raise APIError(str(e), 'messages') from None
+            rows = make_rows(req, [ids], max_tokens, stop,
+                             stop_token=chat_format.stop_token(tokenizer))
+        else:
+            rows = make_rows(req, [chat_prompt(req.messages)], max_tokens, [CHAT_STOP] + stop)
         head = {'id': f'chatcmpl-{uuid.uuid4().hex}', 'created': int(time.time()),
                 'model': model_id}
         if req.stream:

@@ -5,6 +5,9 @@ A spec is a small JSON-able dict, stored in a dataset's meta.json and in every c
 model can be sampled without the data folder it was trained on:
     {"kind": "char", "chars": "\n !$&',-.3:;?ABC..."}   one id per character, in this order
     {"kind": "tiktoken", "encoding": "r50k_base"}       a BPE from tiktoken (r50k_base is GPT-2's)
+Either may add "special": ["<|user|>", ...]: tokens that no text encodes to, given the ids after the
+base vocabulary's (for GPT-2's BPE 50257.., inside the rows a padded model already has, so no
+existing token changes meaning). chat_format.py uses them to mark a conversation's turns.
 """
 
 from errors import UserError
@@ -39,17 +42,37 @@ class Tokenizer:
         else:
             raise UserError(f"unknown vocabulary kind {spec['kind']!r} "
                             "(expected 'char' or 'tiktoken')")
+        # special token -> id, after the base vocabulary; decode writes them out by name
+        self.special = {s: self.vocab_size + i for i, s in enumerate(spec.get('special', ()))}
+        self.special_names = {i: s for s, i in self.special.items()}
+        self.vocab_size += len(self.special)
 
-    def encode(self, text):
+    def encode(self, text, allow_special=True):
+        """Token ids of text. Text never encodes to the spec's special tokens; allow_special=False
+        also keeps a BPE's <|endoftext|> as plain text (for what a user typed)."""
         if self.spec['kind'] == 'char':
             unknown = sorted(set(text) - self.stoi.keys())
             if unknown:
                 raise UserError(f"characters not in the model's vocabulary: {''.join(unknown)!r} "
                                 "(use only characters the model was trained on)")
             return [self.stoi[c] for c in text]
+        if not allow_special:
+            return self.enc.encode_ordinary(text)
         return self.enc.encode(text, allowed_special={'<|endoftext|>'})
 
     def decode(self, ids):
+        if not self.special:
+            return self._decode(ids)
+        text, run = [], []  # runs of ordinary ids, decoded together (a BPE character may span ids)
+        for i in ids:
+            if i in self.special_names:
+                text += [self._decode(run), self.special_names[i]]
+                run = []
+            else:
+                run.append(i)
+        return ''.join(text) + self._decode(run)
+
+    def _decode(self, ids):
         if self.spec['kind'] == 'char':
             return ''.join(self.chars[i] for i in ids)
         return self.enc.decode(list(ids))
@@ -61,9 +84,12 @@ class Tokenizer:
         holding its first byte (every UTF-8 byte but a continuation byte 0b10xxxxxx starts a
         character).
         Special tokens such as <|endoftext|> separate documents and stand for no text: 0 and 0."""
+        n_special = [0] * len(self.special)
         if self.spec['kind'] == 'char':
-            return [len(c.encode('utf-8')) for c in self.chars], [1] * self.vocab_size
+            return ([len(c.encode('utf-8')) for c in self.chars] + n_special,
+                    [1] * len(self.chars) + n_special)
         special = {self.enc.encode_single_token(s) for s in self.enc.special_tokens_set}
+        special |= self.special_names.keys()
         n_bytes, n_chars = [], []
         for i in range(self.vocab_size):
             b = b'' if i in special else self.enc.decode_single_token_bytes(i)

@@ -30,18 +30,39 @@ def read_text(path, url=None, default_path=None):
                         "(convert it, e.g. iconv -f latin1 -t utf-8)") from None
 
 
+def read_jsonl(path):
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not JSON is a
+    UserError naming it."""
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
+
+
 def download(url, path):
+    """url's bytes to path, showing the MB received; path appears only once all have arrived."""
     import requests
     print(f"downloading {url} to {path}")
+    tmp = path + '.tmp'
     try:
-        response = requests.get(url, timeout=60)
-        response.raise_for_status()
+        with requests.get(url, timeout=60, stream=True) as response:
+            response.raise_for_status()
+            total, done = int(response.headers.get('content-length', 0)), 0
+            with open(tmp, 'wb') as f:
+                for chunk in response.iter_content(2**20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    print(f"\r{done / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB" if total else ''),
+                          end='', flush=True)
+            print()
     except requests.RequestException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise UserError(f"could not download {url} ({type(e).__name__}): download it by hand to "
                         f"{path}, or pass --input FILE") from None
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        f.write(response.content)
     os.replace(tmp, path)  # never leave a half-written file where the next run would trust it
 
 
@@ -51,22 +72,28 @@ def write_split(ids, path):
     ids.astype(np.uint16).tofile(path)
 
 
-def write_dataset(out_dir, train_ids, val_ids, vocab, vocab_size):
-    """train.bin and val.bin (uint16 token ids, no header) and meta.json (the vocabulary spec)."""
+def write_dataset(out_dir, train_ids, val_ids, vocab, vocab_size, masks=None):
+    """train.bin and val.bin (uint16 token ids, no header) and meta.json (the vocabulary spec).
+    masks: (train, val), one 0/1 per token (1: a token to learn, see dataset.get_batch), written as
+    train_mask.bin and val_mask.bin (uint8)."""
     if vocab_size > 2**16:
         raise UserError(f"vocab_size {vocab_size} does not fit uint16 token ids")
     os.makedirs(out_dir, exist_ok=True)
     write_split(train_ids, os.path.join(out_dir, 'train.bin.tmp'))
     write_split(val_ids, os.path.join(out_dir, 'val.bin.tmp'))
-    finish_dataset(out_dir, vocab, vocab_size)
+    for split, mask in zip(('train', 'val'), masks or ()):
+        np.asarray(mask, dtype=np.uint8).tofile(os.path.join(out_dir, f'{split}_mask.bin.tmp'))
+    finish_dataset(out_dir, vocab, vocab_size, masked=masks is not None)
 
 
-def finish_dataset(out_dir, vocab, vocab_size):
-    """Move train.bin.tmp and val.bin.tmp into place with a meta.json that records what they hold:
-    the vocabulary, and per split its tokens, bytes, largest id and SHA-256. meta.json moves last,
+def finish_dataset(out_dir, vocab, vocab_size, masked=False):
+    """Move train.bin.tmp and val.bin.tmp (and with masked, train_mask.bin.tmp and
+    val_mask.bin.tmp) into place with a meta.json that records what they hold: the vocabulary, and
+    per split its tokens, bytes, largest id and SHA-256 (and its mask's). meta.json moves last,
     so that until a prepare run has finished, the dataset in out_dir is the old one, or a mix that
     dataset.open_dataset refuses (its bins disagree with the meta.json beside them)."""
     meta = {'vocab': vocab, 'vocab_size': vocab_size}
+    names = ['train.bin', 'val.bin'] + (['train_mask.bin', 'val_mask.bin'] if masked else [])
     for split in ('train', 'val'):
         tmp = os.path.join(out_dir, f'{split}.bin.tmp')
         ids = np.memmap(tmp, dtype=np.uint16, mode='r') if os.path.getsize(tmp) else np.zeros(0)
@@ -80,9 +107,14 @@ def finish_dataset(out_dir, vocab, vocab_size):
         meta[split] = {'tokens': len(ids), 'bytes': os.path.getsize(tmp), 'max_id': max_id,
                        'sha256': file_sha256(tmp)}
         del ids
+        if masked:
+            mask = os.path.join(out_dir, f'{split}_mask.bin.tmp')
+            assert os.path.getsize(mask) == meta[split]['tokens'], "one mask byte per token"
+            meta[split]['mask'] = {'targets': int(np.fromfile(mask, np.uint8).sum()),
+                                   'sha256': file_sha256(mask)}
     with open(os.path.join(out_dir, 'meta.json.tmp'), 'w') as f:
         json.dump(meta, f, indent=1)
-    for name in ('train.bin', 'val.bin', 'meta.json'):
+    for name in (*names, 'meta.json'):
         os.replace(os.path.join(out_dir, name + '.tmp'), os.path.join(out_dir, name))
     print(f"vocab_size {vocab_size:,}; train has {meta['train_tokens']:,} tokens, "
           f"val {meta['val_tokens']:,}; written to {out_dir}")

@@ -1,12 +1,15 @@
 """What the tests share: where the real data is, the tiny models and configs, and helpers that run
 scripts, write command lines and compare checkpoints."""
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -34,6 +37,56 @@ def run_script(*args, env=None, timeout=300):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(out_dir, *args):
+    """serve.py for the run in out_dir on a free port of 127.0.0.1, started as a user would; yields
+    its URL once /health answers, and stops it on the way out."""
+    pytest.importorskip('fastapi', reason='pip install fastapi uvicorn')
+    httpx = pytest.importorskip('httpx')
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, 'serve.py', f'--out_dir={out_dir}', f'--port={port}',
+                             *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    url = f'http://127.0.0.1:{port}'
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                pytest.fail(f"serve.py exited: {proc.stdout.read()}")
+            try:
+                if httpx.get(url + '/health').status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def chromium():
+    """A headless Chromium driven by selenium (skips without them); quit on the way out."""
+    webdriver = pytest.importorskip('selenium.webdriver', reason='pip install selenium')
+    if not (shutil.which('chromium') or shutil.which('chromium-browser')) or not shutil.which(
+            'chromedriver'):
+        pytest.skip("no Chromium/chromedriver: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    for arg in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage'):
+        options.add_argument(arg)
+    service = webdriver.ChromeService(executable_path=shutil.which('chromedriver'))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 def flags(cfg):

@@ -3,10 +3,6 @@ without changing their text, and serve.py answers OpenAI's clients (the real `op
 real browser) with sample.py's text and the model's own log-probabilities."""
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import REPO, tiny_gpt, tiny_train_config
+from conftest import chromium, serving, tiny_gpt, tiny_train_config
 from engine import Engine, Row
 from generation import RowKVCache, generate
 from tokenizer import Tokenizer
@@ -99,12 +95,6 @@ def test_a_stop_string_ends_the_text_before_it_and_is_never_streamed():
 
 # ---- the server, started as a user would, and the clients people use -------------------------
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, char_data):
     from train import main as train
@@ -116,27 +106,9 @@ def trained(tmp_path_factory, char_data):
 @pytest.fixture(scope='module')
 def server(trained):
     """serve.py on a free port of 127.0.0.1; stopped at the end of the module."""
-    pytest.importorskip('fastapi', reason='pip install fastapi uvicorn')
-    httpx = pytest.importorskip('httpx')
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, 'serve.py', f'--out_dir={trained}', f'--port={port}',
-                             '--device=cpu', '--dtype=float32', '--max_n=4', '--max_tokens=500',
-                             '--max_rows=8'], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f'http://127.0.0.1:{port}'
-    try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                pytest.fail(f"serve.py exited: {proc.stdout.read()}")
-            try:
-                if httpx.get(url + '/health').status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with serving(trained, '--device=cpu', '--dtype=float32', '--max_n=4', '--max_tokens=500',
+                 '--max_rows=8') as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture
@@ -299,18 +271,9 @@ def test_concurrent_clients_get_their_own_text_and_a_leaving_client_frees_its_ro
 @pytest.mark.slow
 def test_the_playground_streams_text_into_the_page(server):
     """In headless Chromium: type a prompt, press Generate, see the text grow as it streams."""
-    webdriver = pytest.importorskip('selenium.webdriver', reason='pip install selenium')
-    if not (shutil.which('chromium') or shutil.which('chromium-browser')) or not shutil.which(
-            'chromedriver'):
-        pytest.skip("no Chromium/chromedriver: apt-get install chromium chromium-driver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-    options = webdriver.ChromeOptions()
-    for arg in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage'):
-        options.add_argument(arg)
-    service = webdriver.ChromeService(executable_path=shutil.which('chromedriver'))
-    driver = webdriver.Chrome(options=options, service=service)
-    try:
+    with chromium() as driver:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
         driver.get(server + '/')
         WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, 'model').text)
         box = driver.find_element(By.ID, 'prompt')
@@ -328,8 +291,6 @@ def test_the_playground_streams_text_into_the_page(server):
         assert len([n for n in seen if len('JULIET:') < n < len(output.text)]) >= 2
         assert output.text.startswith('JULIET:') and len(output.text) > len('JULIET:') + 200
         assert '400 tokens' in driver.find_element(By.ID, 'stats').text
-    finally:
-        driver.quit()
 
 
 def test_the_chat_template_is_one_role_line_per_message():

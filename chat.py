@@ -1,0 +1,99 @@
+r"""
+Talk to a chat model in the terminal: a checkpoint finetuned on conversations (docs/chat.md), whose
+vocabulary carries the chat format of chat_format.py.
+
+    python chat.py --out_dir=out-sft-chat-cpu
+    python chat.py --out_dir=out-sft-gpt2 --system="You are a helpful assistant." --temperature=0.7
+    echo "What is the secret word for red?" | python chat.py --out_dir=out-sft-chat-cpu
+
+Type a message and press Enter: the reply is printed as it is generated. The conversation is the
+model's prompt for each reply; once it outgrows the model's context, its oldest messages are left
+out, whole (a system message stays). /clear starts a new conversation; Ctrl-D (end of input) quits.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from chat_format import has_chat_format, prompt, stop_token
+from checkpoint import load_model
+from configurator import cli
+from device import setup
+from errors import UserError
+from generation import generate_stream
+
+
+@dataclass
+class ChatConfig:
+    out_dir: str = 'out'  # the finetuning run's folder
+    ckpt: str = 'best.pt'  # which one in out_dir: best.pt (lowest val loss) or ckpt.pt (latest)
+    system: str = ''  # a system message that opens every conversation ('' for none)
+    max_new_tokens: int = 256  # the longest reply, in tokens
+    temperature: float = 0.7  # 0: greedy, the same reply every time
+    top_k: int | None = 50
+    top_p: float | None = None
+    seed: int = 1337  # reply n of a conversation draws from a random stream seeded with seed + n
+    device: str = 'auto'
+    dtype: str = 'auto'  # 'auto': bf16 where decoding is faster in it, else float32
+
+
+def reply(model, tokenizer, ids, cfg, seed, device, out=sys.stdout):
+    """Generate the assistant's message that the prompt ids ask for, printing it as it comes;
+    returns it."""
+    x = torch.tensor([ids], device=device)  # (1, T)
+    end, new, printed = stop_token(tokenizer), [], 0
+    for token in generate_stream(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                 cfg.top_p, stop=end, seeds=torch.tensor([seed], device=device)):
+        if token.item() == end:
+            break
+        new.append(token.item())
+        text = tokenizer.decode(new).rstrip('\ufffd')  # a character a BPE token left unfinished
+        out.write(text[printed:])
+        out.flush()
+        printed = len(text)
+    text = tokenizer.decode(new)
+    out.write(text[printed:] + '\n')
+    return text
+
+
+def main(cfg):
+    dev = setup(cfg.device, cfg.dtype, sample_rows=1)
+    model, tokenizer, _ = load_model('resume', cfg.out_dir, cfg.ckpt)
+    if not has_chat_format(tokenizer):
+        raise UserError(f"{os.path.join(cfg.out_dir, cfg.ckpt)} has no chat format (a base "
+                        "model?): finetune it on conversations first, see docs/chat.md")
+    model.to(dev.device)
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+    opening = [{'role': 'system', 'content': cfg.system}] if cfg.system else []
+    messages, n = list(opening), 0
+    print("type a message; /clear starts over, Ctrl-D quits")
+    while True:
+        try:
+            line = input('> ')
+        except EOFError:
+            print()
+            return messages
+        if line.strip() == '/clear':
+            messages = list(opening)
+            print('(a new conversation)')
+            continue
+        if not line.strip():
+            continue
+        messages.append({'role': 'user', 'content': line})
+        try:
+            ids = prompt(tokenizer, messages, model.config.block_size)  # the latest turns
+        except UserError as e:  # characters a character-level model has no tokens for
+            print(f"error: {e}")
+            messages.pop()
+            continue
+        with torch.no_grad(), dev.autocast:
+            text = reply(model, tokenizer, ids, cfg, cfg.seed + n, dev.device)
+        messages.append({'role': 'assistant', 'content': text})
+        n += 1
+
+
+if __name__ == '__main__':
+    cli(main, ChatConfig)
