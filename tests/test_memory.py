@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_train_config
 
+from conftest import tiny_train_config
 from lora import apply_lora
 from memory import activation_bytes, estimate_memory
 from model import GPT, GPTConfig
