@@ -19,8 +19,10 @@ Counted in bytes, with fp32 weights (the master copy, also under bf16 autocast):
   the log-softmax of the logits (fp32, V per token), and its backward makes three more of that
   size (its gradient, its exp and the logits' gradient).
 Gradients are made in backward while activations are freed, and set to None after each step, so
-the peak is the larger of (activations + the head's transients) and gradients, on top of the
-weights and optimizer state. tests/test_memory.py and docs/memory.md compare it with measurements.
+with one micro-step per step the peak is the larger of (activations + the head's transients) and
+gradients, on top of the weights and optimizer state; with several, the later micro-steps run
+beside the gradients of the earlier ones: both. tests/test_memory.py checks each term against
+what PyTorch allocates; docs/finetuning.md sets whole estimates beside measured peaks.
 """
 
 from dataclasses import dataclass
@@ -35,11 +37,13 @@ class MemoryEstimate:
     optimizer: float
     activations: float
     runtime: float  # the process itself: a CPU process's interpreter and libraries
+    accumulates: bool  # several micro-steps per step: gradients live beside activations
 
     @property
     def total(self):
-        return (self.params + self.optimizer + self.runtime
-                + max(self.grads, self.activations))
+        grads_and_activations = (self.grads + self.activations if self.accumulates
+                                 else max(self.grads, self.activations))
+        return self.params + self.optimizer + self.runtime + grads_and_activations
 
 
 def estimate_memory(cfg, model, world_size=1, parallelism='ddp', device_type='cpu',
@@ -68,7 +72,8 @@ def estimate_memory(cfg, model, world_size=1, parallelism='ddp', device_type='cp
     activations = kept + transient
     # what a CPU process holds before any model: Python, torch, numpy (measured ~0.27 GiB)
     runtime = 0.3 * 2**30 if device_type == 'cpu' else 0
-    return MemoryEstimate(params, grads, optimizer, activations, runtime)
+    accumulates = cfg.gradient_accumulation_steps // world_size > 1
+    return MemoryEstimate(params, grads, optimizer, activations, runtime, accumulates)
 
 
 def activation_bytes(cfg, vocab_size, dtype='float32'):

@@ -275,9 +275,12 @@ class GPT(nn.Module):
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab_size)
             # cross-entropy of every position, averaged ('mean') or not ('none': (B*T,), for
-            # eval.py); target -1 marks a position to ignore (loss 0 with 'none')
+            # eval.py); target -1 marks a position to ignore (loss 0 with 'none'), such as a
+            # chat's non-assistant tokens: a batch of only those has loss 0, not the mean's nan
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
                                    ignore_index=-1, reduction=reduction)
+            if reduction == 'mean':
+                loss = torch.where((targets != -1).any(), loss, 0.0)
         else:
             # generation only needs the next token:
             # skip the head's matmul for all but the last position

@@ -1,6 +1,7 @@
 """memory.py's estimate, term by term, against what PyTorch really allocates for a small model:
 the tensors autograd keeps for backward, the gradients and the optimizer's state. (The peaks of
-whole processes, large models included, are measured by bench.py --memory=True: docs/memory.md.)"""
+whole processes, large models included, are measured by bench.py --memory=True:
+docs/finetuning.md.)"""
 
 import dataclasses
 

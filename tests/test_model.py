@@ -102,3 +102,19 @@ def test_plain_generate_is_greedy_at_temperature_0_and_with_top_k_1():
     assert torch.equal(model.generate(idx, 30, temperature=1.0, top_k=1), a)  # only the argmax left
     assert not torch.equal(model.generate(idx, 30, temperature=1.0), a)
 
+
+
+def test_a_batch_whose_targets_are_all_ignored_has_loss_zero_and_no_gradient():
+    # a chat window with no assistant token in it: 0, not the mean of nothing (nan)
+    model = tiny_gpt()
+    idx = torch.randint(0, 65, (2, 16))
+    _, loss = model(idx, torch.full_like(idx, -1))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all((p.grad == 0).all() for p in model.parameters())
+    # and with some targets kept, the mean over those alone, as F.cross_entropy computes it
+    targets = idx.clone()
+    targets[:, :8] = -1
+    logits, loss = model(idx, targets)
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(
+        model(idx, idx)[0][:, 8:].reshape(-1, 65), idx[:, 8:].reshape(-1)).item(), abs=1e-6)
