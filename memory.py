@@ -5,7 +5,8 @@ activation checkpointing. bench.py --memory=True prints it beside what its steps
 
 Counted in bytes, with fp32 weights (the master copy, also under bf16 autocast):
 - parameters: 4 per parameter; FSDP keeps 1/N of them, plus the whole weights of the block being
-  run and of the one prefetched, and the root's (embeddings, head) unsharded while they are used.
+  run and of the one prefetched, and the root's (embeddings, head) unsharded while they are used,
+  and its communication buffers (measured: about one more shard).
 - gradients: 4 per trainable parameter (1/N under FSDP); DDP all-reduces them through buckets of
   the same size, a second copy.
 - optimizer: AdamW's two moments, 8 per trainable parameter (1/N under FSDP); Muon's momentum, 4.
@@ -61,6 +62,9 @@ def estimate_memory(cfg, model, world_size=1, parallelism='ddp', device_type='cp
         block = sum(p.numel() for p in model.transformer.h[0].parameters())
         root = n_params - L * block
         params += 4 * (2 * block + root) * (1 - 1 / shards)
+        # FSDP's flat communication buffers (all-gather in, reduce-scatter out): measured as about
+        # one more shard of the weights (docs/finetuning.md), not derived
+        params += 4 * n_params / shards
     grads = 4 * n_trainable / shards
     if world_size > 1 and parallelism == 'ddp':
         grads *= 2  # the all-reduce buckets
