@@ -15,19 +15,19 @@ Checkpoints hold the full state, gathered to process 0 when saved, in the single
 sample.py, eval.py and a resume on any number of processes read them as they are.
 """
 
-import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+import sys
 
-# full (unsharded) tensors, on the CPU of process 0 only: a gathered gpt2-xl would not fit twice
-# on a GPU, and the other processes do not save
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+import torch
+
+# FSDP's modules are imported where used: they take a second to import (torch.distributed.tensor,
+# checkpoint, dynamo), which every script loading a checkpoint would otherwise pay at start
+
+
+def full_state_options():
+    """Full (unsharded) tensors, on the CPU of process 0 only: a gathered gpt2-xl would not fit
+    twice on a GPU, and the other processes do not save."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def place(model, dev, world_size, parallelism):
@@ -59,6 +59,8 @@ def shard(model, device_type, world_size):
     its own (so at most one block's full weights are held at a time besides the root's), and the
     root holds the rest (embeddings, final norm, head). Parameters move to this process's device as
     they are sharded."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device_type, (world_size,))
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh)
@@ -67,7 +69,8 @@ def shard(model, device_type, world_size):
 
 
 def is_sharded(model):
-    return any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
+    dtensor = sys.modules.get('torch.distributed.tensor')  # not imported yet: nothing is sharded
+    return dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in model.parameters())
 
 
 def state_dicts(model, optimizer):
@@ -77,8 +80,12 @@ def state_dicts(model, optimizer):
     optimizer.state_dict() is."""
     if not is_sharded(model):
         return model.state_dict(), optimizer.state_dict()
-    model_state = get_model_state_dict(model, options=FULL)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=FULL)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+    model_state = get_model_state_dict(model, options=full_state_options())
+    optim_state = get_optimizer_state_dict(model, optimizer, options=full_state_options())
     if not optim_state:
         return model_state, optim_state
     ids = {name: i for i, name in enumerate(n for g in optim_state['param_groups']
@@ -101,5 +108,9 @@ def load_optimizer_state(model, optimizer, state):
     state = {'state': {order[i]: s for i, s in state['state'].items()},
              'param_groups': [{**g, 'params': [order[i] for i in g['params']]}
                               for g in state['param_groups']]}
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
     set_optimizer_state_dict(model, optimizer, state,
                              options=StateDictOptions(full_state_dict=True))

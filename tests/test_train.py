@@ -21,6 +21,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert get_lr(60, TrainConfig(decay_lr=False, learning_rate=5e-4)) == 5e-4
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_real_text(tmp_path, char_data):
     cfg = tiny_train_config(tmp_path, char_data, max_iters=200, lr_decay_iters=200,
                             eval_interval=200, eval_iters=10, n_embd=64, n_head=4, batch_size=16)
