@@ -3,6 +3,7 @@ the model that one process trains on the same global batch, and its checkpoints 
 ones."""
 
 import dataclasses
+import shutil
 
 import pytest
 from test_ddp import SETTINGS, torchrun
@@ -36,9 +37,13 @@ def test_two_fsdp_processes_learn_like_one_and_resume_exactly(tmp_path, char_dat
     # model writes
     assert greedy_sample(tmp_path / 'two') == greedy_sample(tmp_path / 'one')
 
-    # stopped at step 5 and resumed, both on 2 FSDP processes: the uninterrupted run, bit for bit
+    # stopped at step 5, resumed by one plain process: where the 1-process run ends
     half = dataclasses.replace(two, out_dir=str(tmp_path / 'half'), max_iters=5)
     assert torchrun(2, half).returncode == 0
+    shutil.copytree(tmp_path / 'half', tmp_path / 'moved')
+    train.main(dataclasses.replace(one, out_dir=str(tmp_path / 'moved'), init_from='resume'))
+    assert max_diff(weights(tmp_path / 'moved'), weights(tmp_path / 'one')) < 1e-5
+    # resumed on 2 FSDP processes instead: the uninterrupted FSDP run, bit for bit
     r = torchrun(2, dataclasses.replace(half, max_iters=10, init_from='resume'))
     assert r.returncode == 0, r.stderr[-3000:]
     assert same_weights(weights(tmp_path / 'half'), weights(tmp_path / 'two'))
