@@ -6,8 +6,7 @@ References:
 2) "Language Models are Unsupervised Multitask Learners" (GPT-2, Radford et al. 2019): pre-LayerNorm
    blocks, a final LayerNorm, residual projections scaled at init, tanh-approximated GELU.
 3) "Language Models are Few-Shot Learners" (GPT-3, Brown et al. 2020): the sizes and the optimizer.
-Optional modern parts, each a GPTConfig switch that is off by default
-(as in modded-nanogpt and nanochat):
+Optional modern parts, each a GPTConfig switch, off by default (as in modded-nanogpt, nanochat):
 4) "RoFormer" (Su et al. 2021): rotary position embeddings instead of learned ones.
 5) "Root Mean Square Layer Normalization" (Zhang & Sennrich 2019): RMSNorm instead of LayerNorm.
 6) "Scaling Vision Transformers to 22B Parameters" (Dehghani et al. 2023): QK-norm.
@@ -40,8 +39,7 @@ class LayerNorm(nn.Module):
 
 
 def norm(config, ndim):
-    """The block's normalisation: GPT-2's LayerNorm,
-    or RMSNorm (rescale only, no centring, no bias)."""
+    """The block's normalisation: GPT-2's LayerNorm, or RMSNorm (rescale only, no centring)."""
     return nn.RMSNorm(ndim, eps=1e-5) if config.rmsnorm else LayerNorm(ndim, bias=config.bias)
 
 
@@ -77,7 +75,6 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
-        self.n_embd = config.n_embd
         self.qk_norm = config.qk_norm
 
     def forward(self, x, rotary=None, cache=None):
@@ -100,9 +97,8 @@ class CausalSelfAttention(nn.Module):
             q = q.to(k.dtype)
         # rows at their own positions (generation.RowKVCache) bring a mask (B, 1, T, keys)
         mask = None if cache is None else cache.mask
-        # softmax(q k^T / sqrt(hs)) v (Vaswani et al. eq. 1); flash kernels on CUDA.
-        # Causal over T > 1 positions (training, or a prefill into an empty cache);
-        # a single new query may see every key.
+        # softmax(q k^T / sqrt(hs)) v (Vaswani et al. eq. 1), flash kernels on CUDA; causal over
+        # T > 1 positions (training, a prefill into an empty cache); one new query sees every key
         with torch.autocast(x.device.type, enabled=False) if cache is not None else nullcontext():
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
@@ -195,11 +191,9 @@ class GPT(nn.Module):
             self.register_buffer('rotary_sin', sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
-            # Weight tying (Press & Wolf 2017, used by GPT-2):
-            # the head reads logits with the embedding matrix.
+            # weight tying (Press & Wolf 2017, GPT-2): the head reads logits with the embedding
             self.transformer.wte.weight = self.lm_head.weight
-        # train.py's activation_checkpointing: keep only each block's input in the forward pass and
-        # recompute the rest in the backward one (~1/3 more compute, activations of one block)
+        # train.py's activation_checkpointing: blocks keep their input only, recompute in backward
         self.checkpoint_blocks = False
 
         self.apply(self._init_weights)
@@ -211,10 +205,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_state_dict(cls, config, state_dict, adapt=None):
-        """The GPT of config holding state_dict's tensors as its own, without copying them and
-        without the random init they would replace (the model is built on the meta device first).
-        adapt(model), if given, changes the model before loading (lora.apply_lora, for the state
-        of a LoRA run)."""
+        """The GPT of config holding state_dict's tensors as its own, without copying them or the
+        random init they replace (built on the meta device first). adapt(model), if given, changes
+        the model before loading (lora.apply_lora, for the state of a LoRA run)."""
         with torch.device('meta'):
             model = cls(config)
             if adapt:
@@ -243,8 +236,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None, reduction='mean'):
         """Logits (and the loss, given targets) of the tokens idx (B, T). With a KVCache, idx
-        continues the tokens it holds: T of them into an empty cache (a prefill), or one after them
-        (a decode step)."""
+        continues its tokens: T of them into an empty cache (a prefill), or one (a decode step)."""
         B, T = idx.size()
         # positions continue after the cached ones: an int, or a (B,) tensor of each row's own
         t0 = 0 if cache is None else cache.pos
@@ -274,9 +266,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab_size)
-            # cross-entropy of every position, averaged ('mean') or not ('none': (B*T,), for
-            # eval.py); target -1 marks a position to ignore (loss 0 with 'none'), such as a
-            # chat's non-assistant tokens: a batch of only those has loss 0, not the mean's nan
+            # cross-entropy per position, averaged ('mean') or not ('none': (B*T,), eval.py);
+            # target -1 is ignored (a chat's other turns): 0 there, 0 for a batch of only those
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
                                    ignore_index=-1, reduction=reduction)
             if reduction == 'mean':
@@ -301,10 +292,9 @@ class GPT(nn.Module):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6N for the matmuls of forward + backward (Kaplan et al. 2020,
-        appendix B), plus 12 * n_layer * n_embd * T for attention's scores and weighted sum. N
-        counts the matrices a token is multiplied by: not the position embedding, nor an untied
-        token embedding (lookups); the head, which a tied embedding is, is a matmul."""
+        """Training FLOPs per token: 6N for forward + backward matmuls (Kaplan et al. 2020, app. B),
+        plus 12 * n_layer * n_embd * T for attention's scores and weighted sum. N: the matrices a
+        token is multiplied by (not wpe nor an untied wte, lookups; the head, tied or not)."""
         cfg = self.config
         n = self.get_num_params()
         if not cfg.tie_weights:
@@ -313,9 +303,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """nanoGPT's plain loop: append max_new_tokens tokens to idx (B, T), each sampled from a
-        forward pass over the last block_size tokens. Call model.eval() first. The reference that
-        generation.py's faster KV-cache loop is tested against; temperature 0 is greedy."""
+        """nanoGPT's plain loop (model.eval() first), the reference for generation.py's KV cache:
+        append max_new_tokens tokens to idx (B, T), each from a full pass; temperature 0: greedy."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :]  # (B, vocab_size): the next token's
