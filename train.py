@@ -327,6 +327,9 @@ def main(cfg):
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
     dev = setup(device, cfg.dtype, cfg.compile)
+    if ddp and cfg.parallelism == 'fsdp' and dev.dtype == 'float16':  # 'auto' on an older GPU
+        raise UserError("parallelism='fsdp' has no fp16 grad scaler here: use --dtype=float32 "
+                        "(or DDP, or a GPU with bf16)")
     if ddp:
         backend = (cfg.backend if cfg.backend != 'auto'
                    else ('nccl' if dev.type == 'cuda' else 'gloo'))
