@@ -121,9 +121,8 @@ def get_batch(data, block_size, batch_size, seed, rows=None, device='cpu'):
     x, y = get_windows(data, offsets, block_size, device)
     mask = getattr(data, 'mask', None)
     if mask is not None:
-        # the mask of the targets: y's tokens, i + 1 .. i + block_size
-        learn = torch.from_numpy(np.stack([mask[i + 1:i + block_size + 1] for i in offsets]))
-        y = y.masked_fill(learn.to(y.device) == 0, -1)  # (B, block_size)
+        _, learn = get_windows(mask, offsets, block_size, device)  # the targets' marks (B, T)
+        y = y.masked_fill(learn == 0, -1)
     return x, y
 
 

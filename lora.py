@@ -68,26 +68,29 @@ def parse_targets(targets):
     return names
 
 
+def linears(model, names):
+    """(module, attribute) of each named Linear of each block: 'attn.c_attn' is
+    block.attn.c_attn."""
+    for block in model.transformer.h:
+        for name in names:
+            parent, attr = name.split('.')
+            yield getattr(block, parent), attr
+
+
 def apply_lora(model, rank, alpha, dropout=0.0, targets='attn.c_attn,attn.c_proj'):
     """Freeze every parameter of the GPT `model` and put a LoRALinear in place of each target
     Linear of each block, in place. Afterwards model.parameters() that require grad are exactly
     the adapters."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for block in model.transformer.h:
-        for name in parse_targets(targets):
-            parent, attr = name.split('.')
-            module = getattr(block, parent)
-            setattr(module, attr, LoRALinear(getattr(module, attr), rank, alpha, dropout))
+    for module, attr in linears(model, parse_targets(targets)):
+        setattr(module, attr, LoRALinear(getattr(module, attr), rank, alpha, dropout))
     return model
 
 
 def merge_lora(model):
     """Fold every adapter into its weight, in place: a plain GPT again, with the same outputs."""
-    for block in model.transformer.h:
-        for name in TARGETS:
-            parent, attr = name.split('.')
-            module = getattr(block, parent)
-            if isinstance(getattr(module, attr), LoRALinear):
-                setattr(module, attr, getattr(module, attr).merged())
+    for module, attr in linears(model, TARGETS):
+        if isinstance(getattr(module, attr), LoRALinear):
+            setattr(module, attr, getattr(module, attr).merged())
     return model

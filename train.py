@@ -284,9 +284,10 @@ def check_config(cfg):
             raise UserError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    ours = cfg.init_from not in ('scratch', 'resume') and checkpoint_file(cfg.init_from)
+    # a GPT-2 to finetune (a checkpoint of ours brings its own switches)
+    gpt2 = cfg.init_from not in ('scratch', 'resume') and not checkpoint_file(cfg.init_from)
     changed = [k for k in MODERN_SWITCHES if getattr(cfg, k) != getattr(TrainConfig, k)]
-    if cfg.init_from not in ('scratch', 'resume') and not ours and changed:
+    if gpt2 and changed:
         raise UserError(f"init_from={cfg.init_from!r} loads GPT-2's architecture: "
                         f"leave {', '.join(changed)} at the default")
     if cfg.optimizer not in ('adamw', 'muon'):
