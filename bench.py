@@ -36,14 +36,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from checkpoint import init_model
 from configurator import cli, print_config
-from dataset import open_dataset, train_batches
-from device import peak_flops, peak_memory, reset_peak_memory, setup
-from errors import UserError
-from memory import estimate_memory
-from optimizers import configure_optimizers
-from tokenizer import Tokenizer
+from nanogpt.checkpoint import init_model
+from nanogpt.dataset import open_dataset, train_batches
+from nanogpt.device import peak_flops, peak_memory, reset_peak_memory, setup
+from nanogpt.errors import UserError
+from nanogpt.memory import estimate_memory
+from nanogpt.optimizers import configure_optimizers
+from nanogpt.tokenizer import Tokenizer
 from train import TrainConfig, check_config, train_step
 
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from chat_format import has_chat_format, prompt, stop_token
-from checkpoint import load_model
 from configurator import cli
-from device import setup
-from errors import UserError
-from generation import generate_stream
+from nanogpt.chat_format import has_chat_format, prompt, stop_token
+from nanogpt.checkpoint import load_model
+from nanogpt.device import setup
+from nanogpt.errors import UserError
+from nanogpt.generation import generate_stream
 
 
 @dataclass

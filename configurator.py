@@ -21,7 +21,7 @@ import sys
 import types
 import typing
 
-from errors import UserError
+from nanogpt.errors import UserError
 
 
 def _allowed_types(cls, key):

@@ -28,13 +28,13 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from checkpoint import load_model
 from configurator import cli
-from dataset import get_windows, open_dataset
-from device import setup
-from errors import UserError
-from generation import generate
-from multiple_choice import load_items, score
+from nanogpt.checkpoint import load_model
+from nanogpt.dataset import get_windows, open_dataset
+from nanogpt.device import setup
+from nanogpt.errors import UserError
+from nanogpt.generation import generate
+from nanogpt.multiple_choice import load_items, score
 
 TASKS = {'hellaswag': os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                    'data', 'hellaswag', 'val.jsonl')}

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-import chat_format
-from checkpoint import load_model
 from configurator import cli
-from device import setup
-from errors import UserError
-from generation import generate_stream
+from nanogpt import chat_format
+from nanogpt.checkpoint import load_model
+from nanogpt.device import setup
+from nanogpt.errors import UserError
+from nanogpt.generation import generate_stream
 
 
 @dataclass

@@ -22,12 +22,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-import chat_format
-from checkpoint import load_model
 from configurator import cli
-from device import setup
-from engine import Engine, Row
-from errors import UserError
+from nanogpt import chat_format
+from nanogpt.checkpoint import load_model
+from nanogpt.device import setup
+from nanogpt.engine import Engine, Row
+from nanogpt.errors import UserError
 
 try:
     import uvicorn
@@ -38,7 +38,7 @@ try:
 except ImportError:
     raise SystemExit("serve.py needs FastAPI and uvicorn: pip install fastapi uvicorn") from None
 
-PLAYGROUND = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'playground.html')
+PLAYGROUND = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'nanogpt', 'playground.html')
 
 
 @dataclass

@@ -34,7 +34,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from checkpoint import (
+from configurator import cli, print_config
+from model import MODERN_SWITCHES
+from nanogpt.checkpoint import (
     build_checkpoint,
     checkpoint_file,
     claim_out_dir,
@@ -43,16 +45,14 @@ from checkpoint import (
     restore_training,
     save_checkpoint,
 )
-from configurator import cli, print_config
-from dataset import estimate_loss, open_dataset, train_batches, val_sha256
-from device import peak_flops, peak_memory, reset_peak_memory, resolve_device, setup
-from errors import UserError
-from hf import GPT2_NAMES
-from lora import parse_targets
-from model import MODERN_SWITCHES
-from optimizers import configure_optimizers
-from parallel import place, wrap
-from tokenizer import Tokenizer
+from nanogpt.dataset import estimate_loss, open_dataset, train_batches, val_sha256
+from nanogpt.device import peak_flops, peak_memory, reset_peak_memory, resolve_device, setup
+from nanogpt.errors import UserError
+from nanogpt.hf import GPT2_NAMES
+from nanogpt.lora import parse_targets
+from nanogpt.optimizers import configure_optimizers
+from nanogpt.parallel import place, wrap
+from nanogpt.tokenizer import Tokenizer
 
 
 @dataclass

@@ -26,10 +26,10 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import cli  # noqa: E402
-from dataset import batch_seed, estimate_loss, get_batch, open_dataset  # noqa: E402
-from device import resolve_device  # noqa: E402
-from errors import UserError  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from nanogpt.dataset import batch_seed, estimate_loss, get_batch, open_dataset  # noqa: E402
+from nanogpt.device import resolve_device  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
+from nanogpt.tokenizer import Tokenizer  # noqa: E402
 
 
 @dataclass

@@ -25,7 +25,7 @@ def rss_mb():
 
 def draw(path, batches, reopen, batch_size=12, block_size=1024):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from dataset import get_batch
+    from nanogpt.dataset import get_batch
     data = np.memmap(path, dtype=np.uint16, mode='r')
     start = rss_mb()
     t0 = time.perf_counter()

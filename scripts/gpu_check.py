@@ -127,7 +127,7 @@ def main():
 
     ckpt_dir = os.path.join(work, 'bf16')
     for rows in (1, 10):
-        ok, out, _ = run([py, 'bench_sample.py', f'--out_dir={ckpt_dir}', '--use_cache=on',
+        ok, out, _ = run([py, 'scripts/bench_sample.py', f'--out_dir={ckpt_dir}', '--use_cache=on',
                           '--dtypes=bfloat16,float32', f'--batch_size={rows}', '--repeats=2',
                           f"--max_new_tokens={p['sample_tokens']}",
                           *(['--device=cpu'] if args.cpu else [])], log)

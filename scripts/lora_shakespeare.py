@@ -18,10 +18,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from checkpoint import load_checkpoint  # noqa: E402
 from configurator import load_config  # noqa: E402
-from data.common import read_text, split_and_write  # noqa: E402
-from tokenizer import char_vocab  # noqa: E402
+from nanogpt.checkpoint import load_checkpoint  # noqa: E402
+from nanogpt.prepare import read_text, split_and_write  # noqa: E402
+from nanogpt.tokenizer import char_vocab  # noqa: E402
 from train import TrainConfig, main  # noqa: E402
 
 RECIPE = os.path.join(REPO, 'config', 'train_shakespeare_char_cpu.py')

@@ -14,7 +14,6 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # tests import model, train, ... as the scripts do
 # one CPU thread per test process (and the scripts it runs), set before torch is imported: the tiny
 # models here gain nothing from more, and on a busy small machine PyTorch's threads wait for each
 # other (5x slower on 2 shared cores). A user's OMP_NUM_THREADS is kept.
@@ -123,8 +122,8 @@ def char_data(tmp_path_factory, shakespeare_text):
 def gpt2_bpe():
     """GPT-2's BPE, from TIKTOKEN_CACHE; TIKTOKEN_CACHE_DIR stays set for the session, so the
     scripts the tests run find it too."""
-    from errors import UserError
-    from tokenizer import GPT2_VOCAB, Tokenizer
+    from nanogpt.errors import UserError
+    from nanogpt.tokenizer import GPT2_VOCAB, Tokenizer
     with pytest.MonkeyPatch.context() as mp:
         if TIKTOKEN_CACHE:
             mp.setenv('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
@@ -192,7 +191,7 @@ def dir_snapshot(path):
 
 def weights(out_dir, name='ckpt.pt'):
     """The model weights of a run's checkpoint."""
-    from checkpoint import load_checkpoint
+    from nanogpt.checkpoint import load_checkpoint
     return load_checkpoint(os.path.join(out_dir, name))['model']
 
 

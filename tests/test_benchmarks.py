@@ -14,12 +14,12 @@ from torch.nn import functional as F
 
 import eval as eval_module
 from conftest import run_script, tiny_gpt, tiny_train_config
-from errors import UserError
 from eval import EvalConfig
 from eval import main as evaluate
-from hf import export_hf, write_tokenizer
-from multiple_choice import load_items, score
-from tokenizer import Tokenizer, char_vocab
+from nanogpt.errors import UserError
+from nanogpt.hf import export_hf, write_tokenizer
+from nanogpt.multiple_choice import load_items, score
+from nanogpt.tokenizer import Tokenizer, char_vocab
 from train import main as train
 
 
@@ -217,7 +217,7 @@ def test_pipeline_generates_from_an_exported_folder_as_our_model_does(vocab, cha
                                                                       request, tmp_path):
     from transformers import pipeline
 
-    from generation import generate
+    from nanogpt.generation import generate
     tokenizer = char_tokenizer if vocab == 'char' else request.getfixturevalue('gpt2_bpe')
     model = tiny_gpt(weight_scale=3, vocab_size=tokenizer.vocab_size, block_size=32).eval()
     export_hf(model, tmp_path, tokenizer)

@@ -16,18 +16,6 @@ import pytest
 import torch
 
 import train
-from chat_format import (
-    ASSISTANT,
-    END,
-    SPECIAL,
-    SYSTEM,
-    USER,
-    chat_vocab,
-    parse,
-    prompt,
-    render,
-)
-from checkpoint import grow_vocab, padded_vocab_size
 from conftest import (
     REPO,
     chromium,
@@ -43,8 +31,20 @@ from conftest import (
 )
 from data.chat.prepare import messages_of
 from data.chat.secret_words import COLOURS, NAMES, secret_words
-from dataset import get_batch, open_dataset
-from tokenizer import GPT2_VOCAB, Tokenizer, char_vocab
+from nanogpt.chat_format import (
+    ASSISTANT,
+    END,
+    SPECIAL,
+    SYSTEM,
+    USER,
+    chat_vocab,
+    parse,
+    prompt,
+    render,
+)
+from nanogpt.checkpoint import grow_vocab, padded_vocab_size
+from nanogpt.dataset import get_batch, open_dataset
+from nanogpt.tokenizer import GPT2_VOCAB, Tokenizer, char_vocab
 
 EDGE_CASES = [
     [{'role': 'system', 'content': 'You are terse.'}, {'role': 'user', 'content': 'Hi!'},
@@ -214,7 +214,7 @@ def test_finetuning_gpt2_on_conversations_grows_its_rows_and_keeps_them_for_samp
     """OpenAI's GPT-2 (a tiny stand-in folder) has 50257 rows: it gets the padded 50304 a model
     trained here has, computes what it did, and its checkpoint loads with the chat rows."""
     transformers = pytest.importorskip('transformers')
-    from checkpoint import init_model, load_model
+    from nanogpt.checkpoint import init_model, load_model
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=50257)).eval()
@@ -402,9 +402,9 @@ def test_the_playground_chats_with_the_model(sft_server):
 @pytest.mark.slow
 def test_an_exported_chat_model_speaks_the_format_in_transformers(sft, tmp_path):
     transformers = pytest.importorskip('transformers')
-    from checkpoint import load_checkpoint
-    from export_hf import ExportConfig
-    from export_hf import main as export
+    from nanogpt.checkpoint import load_checkpoint
+    from scripts.export_hf import ExportConfig
+    from scripts.export_hf import main as export
     folder = export(ExportConfig(out_dir=str(sft), hf_dir=str(tmp_path / 'hf')))
     ours = Tokenizer(load_checkpoint(os.path.join(sft, 'best.pt'))['vocab'])
     theirs = transformers.AutoTokenizer.from_pretrained(folder)

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import device
 from configurator import load_config
 from conftest import REPO, run_script
-from device import resolve_compile, resolve_device, resolve_dtype, resolve_sample_dtype
-from errors import UserError
+from nanogpt import device
+from nanogpt.device import resolve_compile, resolve_device, resolve_dtype, resolve_sample_dtype
+from nanogpt.errors import UserError
 
 
 @dataclass
@@ -113,7 +113,7 @@ def test_the_shakespeare_char_configs_have_the_documented_shapes():
 
 def test_every_shipped_config_loads_passes_the_checks_and_says_how_to_run_it(tmp_path,
                                                                              monkeypatch):
-    from hf import GPT2_NAMES
+    from nanogpt.hf import GPT2_NAMES
     from train import TrainConfig, check_config
     names = sorted(os.path.basename(p) for p in glob.glob(config_path('*.py')))
     monkeypatch.chdir(tmp_path)

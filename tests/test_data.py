@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import run_script
-from dataset import batch_seed, get_batch
-from tokenizer import GPT2_VOCAB, Tokenizer, char_vocab
+from nanogpt.dataset import batch_seed, get_batch
+from nanogpt.tokenizer import GPT2_VOCAB, Tokenizer, char_vocab
 
 
 def read_bins(data_dir):
@@ -45,8 +45,8 @@ def test_prepare_reports_missing_and_non_utf8_input(tmp_path):
 def test_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch):
     import requests
 
-    from data.common import read_text
-    from errors import UserError
+    from nanogpt.errors import UserError
+    from nanogpt.prepare import read_text
 
     def offline(*args, **kwargs):
         raise requests.ConnectionError('no network')
@@ -61,7 +61,7 @@ def test_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch):
 def test_char_tokenizer_round_trip_and_unknown_characters():
     tok = Tokenizer(char_vocab('hello world'))
     assert tok.decode(tok.encode('hold')) == 'hold'
-    from errors import UserError
+    from nanogpt.errors import UserError
     with pytest.raises(UserError, match=r"not in the model's vocabulary: 'XZ'"):
         tok.encode('hello XZX')
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from checkpoint import load_checkpoint
 from conftest import flags, max_diff, run_script, tiny_train_config, weights
+from nanogpt.checkpoint import load_checkpoint
 from train import main as train
 
 # dropout 0: each process draws its own dropout masks, the only thing that may differ with world

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import run_script, tiny_train_config
-from errors import UserError
 from eval import EvalConfig, corpus_bleu, sliding_windows, split_loss
 from eval import main as evaluate
-from tokenizer import Tokenizer, char_vocab
+from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint
+from nanogpt.errors import UserError
+from nanogpt.tokenizer import Tokenizer, char_vocab
 from train import main as train
 
 
@@ -126,7 +126,7 @@ def test_evaluation_is_deterministic_and_independent_of_batch_size(run):
 @pytest.mark.slow
 def test_bits_per_byte_counts_the_utf8_bytes_of_the_text(tmp_path, shakespeare_text, gpt2_bpe):
     """A BPE model: bits per byte divide by the bytes of the scored text (tokens 1..n-1)."""
-    from data.common import write_dataset
+    from nanogpt.prepare import write_dataset
     tok = gpt2_bpe
     text = shakespeare_text[:20000]
     write_dataset(str(tmp_path / 'data'), tok.encode(text[:15000]), tok.encode(text[15000:]),
@@ -189,7 +189,7 @@ def test_bleu_compares_generations_with_the_real_continuations(run, shakespeare_
 
 
 def test_a_checkpoint_with_another_vocabulary_is_refused(run, tmp_path, shakespeare_text):
-    from data.common import write_dataset
+    from nanogpt.prepare import write_dataset
     text = shakespeare_text[:20000].lower()  # fewer distinct characters: another vocabulary
     tok = Tokenizer(char_vocab(text))
     write_dataset(str(tmp_path), tok.encode(text[:15000]), tok.encode(text[15000:]), tok.spec,

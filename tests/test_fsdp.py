@@ -6,10 +6,10 @@ import dataclasses
 import shutil
 
 import pytest
-from test_ddp import SETTINGS, torchrun
 
 import train
 from conftest import fails, max_diff, run_script, same_weights, tiny_train_config, weights
+from test_ddp import SETTINGS, torchrun
 
 
 def fsdp_config(out_dir, data_dir, **overrides):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_gpt
-from generation import KVCache, generate, sample_next
+from nanogpt.generation import KVCache, generate, sample_next
 
 # weights 3x GPT-2's init: logits up to ~4, peakier than the near-uniform ones at init
 PEAKY = 3.0

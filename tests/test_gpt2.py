@@ -13,16 +13,16 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import same_weights, tiny_gpt, tiny_train_config
-from errors import UserError
-from export_hf import ExportConfig
-from export_hf import main as export
-from generation import generate
-from hf import export_hf, from_pretrained
+from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint
+from nanogpt.errors import UserError
+from nanogpt.generation import generate
+from nanogpt.hf import export_hf, from_pretrained
+from nanogpt.tokenizer import GPT2_VOCAB
 from sample import SampleConfig
 from sample import main as sample
-from tokenizer import GPT2_VOCAB
+from scripts.export_hf import ExportConfig
+from scripts.export_hf import main as export
 from train import main as train
 
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import device
 import train
-from checkpoint import (
+from conftest import dir_snapshot, flags, metrics, run_script, tiny_gpt, tiny_train_config
+from nanogpt import device
+from nanogpt.checkpoint import (
     init_model,
     load_checkpoint,
     load_model,
@@ -21,10 +22,9 @@ from checkpoint import (
     restore_training,
     save_checkpoint,
 )
-from conftest import dir_snapshot, flags, metrics, run_script, tiny_gpt, tiny_train_config
-from errors import UserError
-from generation import KVCache, sample_next
-from optimizers import configure_optimizers
+from nanogpt.errors import UserError
+from nanogpt.generation import KVCache, sample_next
+from nanogpt.optimizers import configure_optimizers
 
 # --------------------------------------------------------------------------------------------------
 # MFU and the peak it is measured against
@@ -187,8 +187,8 @@ def test_padded_rows_are_never_sampled_and_change_no_evaluation(padded_run, bpe_
 def test_a_padded_model_exports_the_vocabulary_transformers_reads(padded_run, tmp_path):
     from transformers import GPT2LMHeadModel
 
-    from export_hf import ExportConfig
-    from export_hf import main as export
+    from scripts.export_hf import ExportConfig
+    from scripts.export_hf import main as export
     hf_dir = export(ExportConfig(out_dir=padded_run, hf_dir=str(tmp_path / 'hf')))
     with open(os.path.join(hf_dir, 'config.json')) as f:
         assert json.load(f)['vocab_size'] == 50257
@@ -234,7 +234,7 @@ def test_a_decode_step_runs_as_many_operators_for_ten_rows_as_for_one():
 
 def test_the_cache_is_kept_in_half_precision_where_prefills_run_in_it(monkeypatch):
     # on GPUs (HALF_PRECISION_PREFILL), here faked on the CPU: a bf16 cache, bf16 prefills
-    import generation
+    from nanogpt import generation
     model = tiny_gpt(weight_scale=3.0).eval()
     idx = torch.randint(0, 65, (2, 5), generator=torch.Generator().manual_seed(0))
     caches = []

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import run_script
-from errors import UserError
 from learn.ladder import RUNGS, LadderConfig, build, main
 from model import GPT, GPTConfig
+from nanogpt.errors import UserError
 
 V = 65  # tiny Shakespeare's characters
 TINY = dict(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import train
-from checkpoint import load_checkpoint, load_model, model_from_checkpoint
 from conftest import fails, same_weights, tiny_gpt, tiny_train_config, weights
-from lora import LoRALinear, apply_lora, merge_lora
+from nanogpt.checkpoint import load_checkpoint, load_model, model_from_checkpoint
+from nanogpt.lora import LoRALinear, apply_lora, merge_lora
 
 
 def lora_run(out_dir, base_dir, data_dir, **overrides):
@@ -65,7 +65,7 @@ def test_merged_weights_compute_what_the_adapters_compute(lora_out):
 
 def test_the_exported_hugging_face_folder_computes_the_merged_model(lora_out, tmp_path):
     transformers = pytest.importorskip('transformers')
-    import export_hf
+    from scripts import export_hf
     hf_dir = export_hf.main(export_hf.ExportConfig(out_dir=str(lora_out), ckpt='ckpt.pt',
                                                    hf_dir=str(tmp_path / 'hf')))
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()

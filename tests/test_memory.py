@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import tiny_train_config
-from lora import apply_lora
-from memory import activation_bytes, estimate_memory
 from model import GPT, GPTConfig
-from optimizers import configure_optimizers
+from nanogpt.lora import apply_lora
+from nanogpt.memory import activation_bytes, estimate_memory
+from nanogpt.optimizers import configure_optimizers
 
 CFG = tiny_train_config('', '', n_layer=4, n_head=4, n_embd=64, block_size=64, batch_size=4)
 VOCAB = 512

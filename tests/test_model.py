@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_gpt
 from model import GPT, GPTConfig
-from optimizers import configure_optimizers
+from nanogpt.optimizers import configure_optimizers
 from train import TrainConfig
 
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import same_weights, tiny_gpt, tiny_train_config
 from model import GPTConfig, apply_rotary, rotary_tables
-from optimizers import ChainedOptimizer, Muon, configure_optimizers
+from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint
+from nanogpt.optimizers import ChainedOptimizer, Muon, configure_optimizers
 from train import TrainConfig, main
 
 ALL = dict(rotary=True, rmsnorm=True, qk_norm=True, relu2=True, tie_weights=False, bias=False)

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-import dataset
 import eval as eval_script
-import plot
 import sample
 import train
-from checkpoint import claim_out_dir, load_checkpoint, save_checkpoint
 from configurator import load_config
 from conftest import dir_snapshot, fails, tiny_train_config, train_args
-from data.common import write_split
-from errors import UserError
+from nanogpt import dataset
+from nanogpt.checkpoint import claim_out_dir, load_checkpoint, save_checkpoint
+from nanogpt.errors import UserError
+from nanogpt.prepare import write_split
+from scripts import plot
 
 
 def resume(out, data, **overrides):
@@ -173,7 +173,7 @@ def test_a_malformed_meta_json_is_one_line(data):
 
 
 def test_prepare_writes_nothing_until_it_is_complete_and_refuses_empty_text(data, tmp_path):
-    from data.common import split_and_write, write_dataset
+    from nanogpt.prepare import split_and_write, write_dataset
     before = dir_snapshot(data)
     with pytest.raises(UserError, match='the input text is empty'):
         split_and_write('  \n', {'kind': 'char', 'chars': ' \n'}, str(data))
@@ -184,7 +184,7 @@ def test_prepare_writes_nothing_until_it_is_complete_and_refuses_empty_text(data
 
 def test_a_resume_on_other_data_with_the_same_vocabulary_is_refused(out_dir, data, capsys):
     ids = np.fromfile(data / 'val.bin', dtype=np.uint16)
-    from data.common import write_dataset
+    from nanogpt.prepare import write_dataset
     meta = json.loads((data / 'meta.json').read_text())
     train_ids = np.fromfile(data / 'train.bin', dtype=np.uint16)
     write_dataset(str(data), train_ids, ids[::-1], meta['vocab'], meta['vocab_size'])

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 import sample as sample_module
-from bench_sample import BenchSampleConfig
-from bench_sample import main as bench_sample
-from checkpoint import FORMAT_VERSION
 from conftest import flags, run_script, tiny_train_config
-from errors import UserError
-from generation import generate
 from model import GPT, GPTConfig
+from nanogpt.checkpoint import FORMAT_VERSION
+from nanogpt.errors import UserError
+from nanogpt.generation import generate
 from sample import SampleConfig
 from sample import main as sample
+from scripts.bench_sample import BenchSampleConfig
+from scripts.bench_sample import main as bench_sample
 from train import main as train
 
 

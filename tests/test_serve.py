@@ -11,9 +11,9 @@ import torch
 from torch.nn import functional as F
 
 from conftest import chromium, serving, tiny_gpt, tiny_train_config
-from engine import Engine, Row
-from generation import RowKVCache, generate
-from tokenizer import Tokenizer
+from nanogpt.engine import Engine, Row
+from nanogpt.generation import RowKVCache, generate
+from nanogpt.tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize('rotary', [False, True])
@@ -184,7 +184,7 @@ def test_chat_completions_are_the_template_continued(client, trained):
 @pytest.mark.slow
 def test_echo_logprobs_are_the_models_own_log_softmax(client, trained):
     """What lm-evaluation-harness's local-completions asks for to score a continuation."""
-    from checkpoint import load_model
+    from nanogpt.checkpoint import load_model
     model, tokenizer, _ = load_model('resume', trained)
     prompt = 'First Citizen:\nBefore we proceed any further, hear me speak.'
     ids = tokenizer.encode(prompt)

@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from checkpoint import load_checkpoint
 from conftest import max_diff, metrics, run_script, same_weights, tiny_train_config, weights
-from errors import UserError
+from nanogpt.checkpoint import load_checkpoint
+from nanogpt.errors import UserError
 from train import TrainConfig, get_lr, main
 
 

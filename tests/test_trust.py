@@ -12,12 +12,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-import dataset
 import train
-from checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_checkpoint
 from conftest import REPO, dir_snapshot, flags, run_script, same_weights, tiny_train_config, weights
-from errors import UserError
 from model import GPT, GPTConfig
+from nanogpt import dataset
+from nanogpt.checkpoint import (
+    FORMAT_VERSION,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from nanogpt.errors import UserError
 
 
 def checkpoint_files(out_dir):

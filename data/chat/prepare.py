@@ -31,11 +31,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from chat_format import chat_vocab, render  # noqa: E402
 from configurator import cli  # noqa: E402
-from data.common import download, read_jsonl, write_dataset  # noqa: E402
-from errors import UserError  # noqa: E402
-from tokenizer import GPT2_VOCAB, Tokenizer  # noqa: E402
+from nanogpt.chat_format import chat_vocab, render  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
+from nanogpt.prepare import download, read_jsonl, write_dataset  # noqa: E402
+from nanogpt.tokenizer import GPT2_VOCAB, Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 URL = ('https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/'
@@ -49,7 +49,7 @@ def base_vocab(path):
     if os.path.isfile(meta):
         with open(meta) as f:
             return json.load(f)['vocab']
-    from checkpoint import load_checkpoint  # torch, only for this
+    from nanogpt.checkpoint import load_checkpoint  # torch, only for this
     return load_checkpoint(os.path.join(path, 'best.pt') if os.path.isdir(path) else path)['vocab']
 
 

@@ -24,8 +24,8 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import download  # noqa: E402
-from errors import UserError  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
+from nanogpt.prepare import download  # noqa: E402
 
 URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -27,9 +27,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import cli  # noqa: E402
-from data.common import finish_dataset  # noqa: E402
-from errors import UserError  # noqa: E402
-from tokenizer import GPT2_VOCAB, Tokenizer  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
+from nanogpt.prepare import finish_dataset  # noqa: E402
+from nanogpt.tokenizer import GPT2_VOCAB, Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HF_NAME = 'Skylion007/openwebtext'

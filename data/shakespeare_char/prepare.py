@@ -14,8 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import cli  # noqa: E402
-from data.common import prepare_text_dataset  # noqa: E402
-from tokenizer import char_vocab  # noqa: E402
+from nanogpt.prepare import prepare_text_dataset  # noqa: E402
+from nanogpt.tokenizer import char_vocab  # noqa: E402
 
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 

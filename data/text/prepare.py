@@ -18,9 +18,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import cli  # noqa: E402
-from data.common import read_text, split_and_write  # noqa: E402
-from errors import UserError  # noqa: E402
-from tokenizer import GPT2_VOCAB, char_vocab  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
+from nanogpt.prepare import read_text, split_and_write  # noqa: E402
+from nanogpt.tokenizer import GPT2_VOCAB, char_vocab  # noqa: E402
 
 DATA = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,8 +19,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from data.common import file_sha256
-from errors import UserError
+from nanogpt.errors import UserError
+from nanogpt.prepare import file_sha256
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 

@@ -9,9 +9,9 @@ import os
 
 import torch
 
-from chat_format import END
-from errors import UserError
 from model import GPT, MODERN_SWITCHES, GPTConfig
+from nanogpt.chat_format import END
+from nanogpt.errors import UserError
 
 # OpenAI's released GPT-2 checkpoints, as named on the Hugging Face hub (n_layer, n_head, n_embd):
 # 124M (12, 12, 768), 350M (24, 16, 1024), 774M (36, 20, 1280), 1558M (48, 25, 1600)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from errors import UserError
+from nanogpt.errors import UserError
 
 
 def resolve_device(device):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from generation import HALF_PRECISION_PREFILL, RowKVCache, sample_next
+from nanogpt.generation import HALF_PRECISION_PREFILL, RowKVCache, sample_next
 
 
 @dataclass(eq=False)

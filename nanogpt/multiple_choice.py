@@ -23,8 +23,8 @@ from contextlib import nullcontext
 
 import torch
 
-from data.common import read_jsonl
-from errors import UserError
+from nanogpt.errors import UserError
+from nanogpt.prepare import read_jsonl
 
 
 def load_items(path):

@@ -19,7 +19,7 @@ context only. To answer, the model is given the conversation so far plus <|assis
 generates until it samples <|end|> (stop_token).
 """
 
-from errors import UserError
+from nanogpt.errors import UserError
 
 SYSTEM, USER, ASSISTANT, END = '<|system|>', '<|user|>', '<|assistant|>', '<|end|>'
 SPECIAL = [SYSTEM, USER, ASSISTANT, END]  # their order fixes their ids: 50257.. for GPT-2's BPE

@@ -7,7 +7,7 @@ import inspect
 
 import torch
 
-from errors import UserError
+from nanogpt.errors import UserError
 
 
 def configure_optimizers(model, cfg, device_type):

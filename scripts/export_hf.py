@@ -3,7 +3,7 @@ Export a checkpoint to a self-contained Hugging Face GPT-2 folder (config.json, 
 and the tokenizer's files), so a model trained here runs in transformers, its pipelines,
 lm-evaluation-harness and the rest of that ecosystem, with no network.
 
-    python export_hf.py --out_dir=out-shakespeare --hf_dir=hf-shakespeare
+    python scripts/export_hf.py --out_dir=out-shakespeare --hf_dir=hf-shakespeare
     python -c "from transformers import pipeline; \
         generate = pipeline('text-generation', model='hf-shakespeare'); \
         print(generate('ROMEO:', max_new_tokens=50)[0]['generated_text'])"
@@ -15,11 +15,13 @@ as our tokenizer does (tests/test_benchmarks.py checks it on all of tiny Shakesp
 """
 
 import os
+import sys
 from dataclasses import dataclass
 
-from checkpoint import load_model
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from configurator import cli
-from hf import export_hf
+from nanogpt.checkpoint import load_model
+from nanogpt.hf import export_hf
 
 
 @dataclass

@@ -10,7 +10,7 @@ base vocabulary's (for GPT-2's BPE 50257.., inside the rows a padded model alrea
 existing token changes meaning). chat_format.py uses them to mark a conversation's turns.
 """
 
-from errors import UserError
+from nanogpt.errors import UserError
 
 GPT2_VOCAB = {'kind': 'tiktoken', 'encoding': 'r50k_base'}  # OpenAI's GPT-2 BPE, byte for byte
 

@@ -28,7 +28,7 @@ what PyTorch allocates; docs/finetuning.md sets whole estimates beside measured 
 
 from dataclasses import dataclass
 
-from lora import TARGETS, parse_targets
+from nanogpt.lora import TARGETS, parse_targets
 
 
 @dataclass

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from errors import UserError  # the prepare script put the repo root on sys.path
+from nanogpt.errors import UserError
 
 
 def read_text(path, url=None, default_path=None):
@@ -130,7 +130,7 @@ def file_sha256(path):
 
 def split_and_write(text, vocab, out_dir, val_fraction=0.1):
     """Encode the first (1 - val_fraction) of the text as train, the rest as val, and write both."""
-    from tokenizer import Tokenizer
+    from nanogpt.tokenizer import Tokenizer
     tok = Tokenizer(vocab)
     if not text.strip():
         raise UserError("the input text is empty: nothing to train on (the dataset in "

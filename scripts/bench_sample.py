@@ -2,30 +2,34 @@ r"""
 Sampling benchmarks. --mode=speed (the default): tokens/s of generate with and without the KV
 cache, for a checkpoint or for a model shape with random weights.
 
-    python bench_sample.py  # 1000 tokens of config/train_shakespeare_char.py's 6x384, context 256
-    python bench_sample.py --out_dir=out-shakespeare-char-cpu --prompt_len=32 --max_new_tokens=500
-    python bench_sample.py --use_cache=on --dtypes=bfloat16,float32 --batch_size=8
+    python scripts/bench_sample.py  # 1000 tokens of train_shakespeare_char.py's 6x384, context 256
+    python scripts/bench_sample.py --out_dir=out-shakespeare-char-cpu --prompt_len=32 \
+        --max_new_tokens=500
+    python scripts/bench_sample.py --use_cache=on --dtypes=bfloat16,float32 --batch_size=8
 
 --mode=bf16: how much sampling in bf16 changes a checkpoint: its val loss under bf16 autocast
 against fp32, and how many greedy continuations of prompts taken from the val text agree
 token for token.
 
-    python bench_sample.py --mode=bf16 --out_dir=out-shakespeare-char-cpu \
+    python scripts/bench_sample.py --mode=bf16 --out_dir=out-shakespeare-char-cpu \
         --data_dir=data/shakespeare_char
 """
 
+import os
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from checkpoint import load_model
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from configurator import cli
-from dataset import estimate_loss, open_dataset
-from device import autocast_context, resolve_sample_dtype, setup
-from errors import UserError
-from generation import generate
 from model import GPT, GPTConfig
+from nanogpt.checkpoint import load_model
+from nanogpt.dataset import estimate_loss, open_dataset
+from nanogpt.device import autocast_context, resolve_sample_dtype, setup
+from nanogpt.errors import UserError
+from nanogpt.generation import generate
 
 
 @dataclass

@@ -2,18 +2,20 @@
 Plot training runs: train and val loss (and the learning rate) against tokens seen, from the
 metrics.jsonl that train.py writes in each out_dir.
 
-    python plot.py out-shakespeare-char-cpu
-    python plot.py out-a out-b --output=compare.png --title="lr 1e-3 vs 3e-3"
+    python scripts/plot.py out-shakespeare-char-cpu
+    python scripts/plot.py out-a out-b --output=compare.png --title="lr 1e-3 vs 3e-3"
 
 Needs matplotlib (pip install matplotlib).
 """
 
 import argparse
 import os
+import sys
 
-from checkpoint import read_metrics as read_metrics_file
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from configurator import cli
-from errors import UserError
+from nanogpt.checkpoint import read_metrics as read_metrics_file
+from nanogpt.errors import UserError
 
 
 def read_metrics(out_dir):

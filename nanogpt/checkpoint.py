@@ -31,13 +31,13 @@ from dataclasses import asdict, fields, replace
 import numpy as np
 import torch
 
-from device import check_memory
-from errors import UserError
-from hf import from_pretrained
-from lora import apply_lora, merge_lora
 from model import GPT, MODERN_SWITCHES, GPTConfig
-from parallel import load_optimizer_state, state_dicts
-from tokenizer import GPT2_VOCAB, Tokenizer
+from nanogpt.device import check_memory
+from nanogpt.errors import UserError
+from nanogpt.hf import from_pretrained
+from nanogpt.lora import apply_lora, merge_lora
+from nanogpt.parallel import load_optimizer_state, state_dicts
+from nanogpt.tokenizer import GPT2_VOCAB, Tokenizer
 
 FORMAT_VERSION = 1
 # the GPTConfig fields a training config sets (vocab_size comes from the dataset)

@@ -1,0 +1,1 @@
+"""The libraries the scripts at the top use; importing any of them does no work."""
