@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from nanogpt.generation import HALF_PRECISION_PREFILL, RowKVCache, sample_next
+from nanogpt.generation import RowKVCache, decode_precision, sample_next
 
 
 @dataclass(eq=False)
@@ -77,14 +77,10 @@ class Engine:
         self.model, self.tokenizer, self.max_rows = model, tokenizer, max_rows
         self.block_size = model.config.block_size
         self.keep = self.block_size // 2 if keep is None else keep
-        device_type = model.lm_head.weight.device.type
-        # dtypes as in generation.generate_stream: decode steps under autocast; prefills too, and a
-        # cache in autocast's dtype, only where half-precision matrix products are fast (GPUs)
+        # dtypes: generation.decode_precision's rule, as in sample.py; each step runs under autocast
         self.autocast = autocast or nullcontext()  # reentered at every step
         with self.autocast:
-            half = device_type in HALF_PRECISION_PREFILL and torch.is_autocast_enabled(device_type)
-            cache_dtype = torch.get_autocast_dtype(device_type) if half else None  # None: weights'
-        self.prefill_autocast = half
+            self.prefill_precision, cache_dtype = decode_precision(model.lm_head.weight.device.type)
         self.cache = RowKVCache(model, max_rows, cache_dtype)
         self.device = model.lm_head.weight.device
         self.waiting = queue.Queue()  # rows submitted, not yet in the batch; None stops run()
@@ -108,7 +104,7 @@ class Engine:
                     return
                 self.waiting.put(row)  # the queue keeps its order: admitted in step()
             try:
-                with torch.no_grad():
+                with torch.no_grad(), self.autocast:
                     self.step()
             except Exception as e:  # a bug or out of memory: fail these rows, keep serving
                 traceback.print_exc()
@@ -135,8 +131,7 @@ class Engine:
             echo = row.fresh and row.echo
             # targets only to get the logits of every position (the echo's), not just the last
             y = torch.tensor([context[1:]], device=self.device) if echo else None
-            with self.autocast if self.prefill_autocast else torch.autocast(self.device.type,
-                                                                            enabled=False):
+            with self.prefill_precision:
                 logits, _ = self.model(x, targets=y, cache=self.cache.rows(i, i + 1))
         if row.fresh and row.echo:
             echo = [(row.tokens[0], None, None)]
@@ -174,8 +169,7 @@ class Engine:
         if n == 0:
             return
         x = torch.tensor([[row.tokens[-1]] for row in self.active], device=self.device)  # (n, 1)
-        with self.autocast:
-            logits, _ = self.model(x, cache=self.cache.rows(0, n))
+        logits, _ = self.model(x, cache=self.cache.rows(0, n))
         logits = logits[:, -1, :]  # (n, vocab_size)
 
         # sample: rows with the same settings together, each row on its own random stream

@@ -9,8 +9,24 @@ from contextlib import nullcontext
 import torch
 from torch.nn import functional as F
 
-# devices whose prefills run under autocast (see generate_stream)
+# devices whose prefills run under autocast (see decode_precision)
 HALF_PRECISION_PREFILL = {'cuda'}
+
+
+def decode_precision(device_type):
+    """The precision rule of decoding, the one sample.py, chat.py, eval.py and the engine follow;
+    called under the autocast device.setup chose (fp32 weights stay fp32 in memory: autocast casts
+    them). Returns (prefill, cache_dtype). Decode steps multiply vectors, bound by reading the
+    weights, whose bytes bf16 halves everywhere, so they run under autocast. On a GPU (tensor
+    cores) prefills run under autocast too (prefill is a no-op context), and the cache is in
+    autocast's dtype, so a decode step also reads half the bytes of keys and values. Elsewhere
+    prefills and refills multiply matrices in the weights' dtype (prefill turns autocast off: bf16
+    matrix products are slow without bf16 units), and the cache is in the weights' dtype
+    (cache_dtype None), as a decode step's attention there is a few small ops; the caches cast
+    what a decode step writes to their dtype."""
+    half = device_type in HALF_PRECISION_PREFILL and torch.is_autocast_enabled(device_type)
+    prefill = nullcontext() if half else torch.autocast(device_type, enabled=False)
+    return prefill, (torch.get_autocast_dtype(device_type) if half else None)
 
 
 class KVCache:
@@ -77,8 +93,9 @@ class RowKVCache(KVCache):
         end = int(pos.max()) + 1
         rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
         # advanced indices on dims 0 and 2 put them first: (B, T, nh, hs)
-        self.k[layer][rows, :, pos] = k.transpose(1, 2)
-        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        # (indexed writes do not cast as slices do: a decode step under autocast brings bf16)
+        self.k[layer][rows, :, pos] = k.transpose(1, 2).to(self.k[layer].dtype)
+        self.v[layer][rows, :, pos] = v.transpose(1, 2).to(self.v[layer].dtype)
         if layer == 0:
             same = T == 1 and bool((self.pos == self.pos[0]).all())
             keys = torch.arange(end, device=k.device)
@@ -154,12 +171,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     cached key was computed from a context reaching back before the window, so the logits would
     differ from a forward pass over the window; the refill keeps every step exact.
 
-    Dtypes, under autocast: decode steps multiply vectors, bound by reading the weights, whose
-    bytes bf16 halves everywhere, so their linears run in autocast's dtype. On a GPU (tensor cores)
-    prefills run under autocast too, and the cache is in autocast's dtype: a decode step then also
-    reads half the bytes of keys and values. Elsewhere prefills and refills multiply matrices in
-    the weights' dtype (autocast off: bf16 matrix products are slow without bf16 units), and the
-    cache is in the weights' dtype, as a decode step's attention there is a few small ops.
+    Dtypes, under autocast: decode_precision's rule.
     """
     B, T = idx.size()
     block_size = model.config.block_size
@@ -172,10 +184,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     # prompt + new tokens
     seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
     seq[:, :T] = idx
-    device_type = idx.device.type
-    half = device_type in HALF_PRECISION_PREFILL and torch.is_autocast_enabled(device_type)
-    prefill = nullcontext() if half else torch.autocast(device_type, enabled=False)
-    cache_dtype = torch.get_autocast_dtype(device_type) if half else None  # None: the weights'
+    prefill, cache_dtype = decode_precision(idx.device.type)
     cache = KVCache(model, B, cache_dtype) if use_cache else None
     for n in range(T, T + max_new_tokens):  # n tokens so far; sample the one at index n
         if cache is None:
