@@ -22,7 +22,7 @@ from nanogpt.chat_format import has_chat_format, prompt, stop_token
 from nanogpt.checkpoint import load_model
 from nanogpt.device import setup
 from nanogpt.errors import UserError
-from nanogpt.generation import generate_stream
+from nanogpt.generation import check_sampling, generate_stream
 
 
 @dataclass
@@ -58,7 +58,12 @@ def reply(model, tokenizer, ids, cfg, seed, device, out=sys.stdout):
     return text
 
 
+def check_config(cfg):
+    check_sampling(cfg)
+
+
 def main(cfg):
+    check_config(cfg)
     dev = setup(cfg.device, cfg.dtype, sample_rows=1)
     model, tokenizer, _ = load_model('resume', cfg.out_dir, cfg.ckpt)
     if not has_chat_format(tokenizer):

@@ -33,7 +33,7 @@ from nanogpt.checkpoint import load_model
 from nanogpt.dataset import get_windows, open_dataset
 from nanogpt.device import setup
 from nanogpt.errors import UserError
-from nanogpt.generation import generate
+from nanogpt.generation import check_sampling, generate
 from nanogpt.multiple_choice import load_items, score
 
 TASKS = {'hellaswag': os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -83,10 +83,7 @@ def check_config(cfg):
     for key in ('block_size', 'stride', 'max_tokens', 'bleu_samples'):
         if getattr(cfg, key) < 0:
             raise UserError(f"{key} must be zero or more, got {getattr(cfg, key)}")
-    if not cfg.temperature >= 0:  # also NaN
-        raise UserError(f"temperature must be 0 or more, got {cfg.temperature}")
-    if cfg.top_k is not None and cfg.top_k <= 0:
-        raise UserError(f"top_k must be positive or None, got {cfg.top_k}")
+    check_sampling(cfg)
     if cfg.task and cfg.task not in TASKS:
         raise UserError(f"unknown task {cfg.task!r}: one of {', '.join(TASKS)}, "
                         "or --mc_file=FILE.jsonl for your own")

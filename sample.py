@@ -27,7 +27,7 @@ from nanogpt import chat_format
 from nanogpt.checkpoint import load_model
 from nanogpt.device import setup
 from nanogpt.errors import UserError
-from nanogpt.generation import generate_stream
+from nanogpt.generation import check_keep, check_sampling, generate_stream
 
 
 @dataclass
@@ -64,24 +64,18 @@ def cut_at_stop(text, stop):
     return text if i < 0 else text[:i + len(stop)]
 
 
-def main(cfg):
-    for key in ('num_samples', 'max_new_tokens'):
-        if getattr(cfg, key) <= 0:
-            raise UserError(f"{key} must be positive, got {getattr(cfg, key)}")
-    if not cfg.temperature >= 0:  # also NaN
-        raise UserError(f"temperature must be 0 or more, got {cfg.temperature}")
-    if cfg.top_k is not None and cfg.top_k <= 0:
-        raise UserError(f"top_k must be positive or None, got {cfg.top_k}")
-    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1] or None, got {cfg.top_p}")
+def check_config(cfg):
+    check_sampling(cfg)
     if cfg.chat not in (True, False, 'auto'):
         raise UserError(f"chat must be True, False or 'auto', got {cfg.chat!r}")
+
+
+def main(cfg):
+    check_config(cfg)
     dev = setup(cfg.device, cfg.dtype, cfg.compile, sample_rows=cfg.num_samples)
     device, dtype = dev.device, dev.dtype
     model, tokenizer, _ = load_model(cfg.init_from, cfg.out_dir, cfg.ckpt)
-    if cfg.keep is not None and not 1 <= cfg.keep <= model.config.block_size:
-        raise UserError(f"keep must be between 1 and block_size {model.config.block_size}, "
-                        f"got {cfg.keep}")
+    check_keep(cfg.keep, model.config.block_size)
     model.to(device)
     if dev.compile:
         model = torch.compile(model)

@@ -28,6 +28,7 @@ from nanogpt.checkpoint import load_model
 from nanogpt.device import setup
 from nanogpt.engine import Engine, Row
 from nanogpt.errors import UserError
+from nanogpt.generation import check_keep
 
 try:
     import uvicorn
@@ -333,9 +334,7 @@ def main(cfg):
     dev = setup(cfg.device, cfg.dtype, sample_rows=cfg.max_rows)
     model, tokenizer, _ = load_model(cfg.init_from, cfg.out_dir, cfg.ckpt)
     model.to(dev.device)
-    if cfg.keep is not None and not 1 <= cfg.keep <= model.config.block_size:
-        raise UserError(f"keep must be between 1 and block_size {model.config.block_size}, "
-                        f"got {cfg.keep}")
+    check_keep(cfg.keep, model.config.block_size)
     if cfg.max_prompt_tokens is not None and cfg.max_prompt_tokens < 1:
         raise UserError(f"max_prompt_tokens must be at least 1, got {cfg.max_prompt_tokens}")
     model_id = cfg.model_name or (os.path.basename(os.path.normpath(cfg.out_dir))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from nanogpt.generation import RowKVCache, decode_precision, sample_next
+from nanogpt.generation import RowKVCache, check_keep, decode_precision, sample_next
 
 
 @dataclass(eq=False)
@@ -76,7 +76,7 @@ class Engine:
     def __init__(self, model, tokenizer, max_rows=32, autocast=None, keep=None):
         self.model, self.tokenizer, self.max_rows = model, tokenizer, max_rows
         self.block_size = model.config.block_size
-        self.keep = self.block_size // 2 if keep is None else keep
+        self.keep = check_keep(keep, self.block_size)
         # dtypes: generation.decode_precision's rule, as in sample.py; each step runs under autocast
         self.autocast = autocast or nullcontext()  # reentered at every step
         with self.autocast:

@@ -9,6 +9,8 @@ from contextlib import nullcontext
 import torch
 from torch.nn import functional as F
 
+from nanogpt.errors import UserError
+
 # devices whose prefills run under autocast (see decode_precision)
 HALF_PRECISION_PREFILL = {'cuda'}
 
@@ -116,6 +118,29 @@ def row_uniform(seeds, step):
     return (x.double() + 0.5) / 2**32
 
 
+def check_sampling(cfg):
+    """The sampling knobs a script's config has (temperature, top_k, top_p, max_new_tokens,
+    num_samples), checked up front by sample.py, chat.py and eval.py alike."""
+    for key in ('max_new_tokens', 'num_samples'):
+        if getattr(cfg, key, 1) <= 0:
+            raise UserError(f"{key} must be positive, got {getattr(cfg, key)}")
+    if not cfg.temperature >= 0:  # also NaN
+        raise UserError(f"temperature must be 0 or more, got {cfg.temperature}")
+    top_k, top_p = getattr(cfg, 'top_k', None), getattr(cfg, 'top_p', None)
+    if top_k is not None and top_k <= 0:
+        raise UserError(f"top_k must be positive or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def check_keep(keep, block_size):
+    """keep (tokens of context kept when the cache fills up; None: block_size // 2) -> keep."""
+    keep = block_size // 2 if keep is None else keep
+    if not 1 <= keep <= block_size:
+        raise UserError(f"keep must be between 1 and block_size {block_size}, got {keep}")
+    return keep
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, seeds=None,
                 step=0):
     """One token per row from next-token logits (B, vocab_size) -> (B,).
@@ -175,9 +200,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     """
     B, T = idx.size()
     block_size = model.config.block_size
-    keep = block_size // 2 if keep is None else keep
-    if not 1 <= keep <= block_size:
-        raise ValueError(f"keep must be between 1 and block_size {block_size}, got {keep}")
+    keep = check_keep(keep, block_size)
     if stop is not None:
         stop = torch.tensor([stop] if isinstance(stop, int) else list(stop), device=idx.device)
         ended = torch.zeros(B, dtype=torch.bool, device=idx.device)
