@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from configurator import cli, print_config
-from nanogpt.checkpoint import init_model
 from nanogpt.dataset import open_dataset, train_batches
 from nanogpt.device import peak_flops, peak_memory, reset_peak_memory, setup
 from nanogpt.errors import UserError
+from nanogpt.init_from import init_model
 from nanogpt.memory import estimate_memory
 from nanogpt.optimizers import configure_optimizers
 from nanogpt.tokenizer import Tokenizer

@@ -23,35 +23,28 @@ stops the run at once, without saving, with status 2: the last checkpoint is the
 """
 
 import datetime
-import json
 import math
 import os
 import signal
 import sys
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from configurator import cli, print_config
 from model import MODERN_SWITCHES
-from nanogpt.checkpoint import (
-    build_checkpoint,
-    checkpoint_file,
-    claim_out_dir,
-    init_model,
-    read_metrics,
-    restore_training,
-    save_checkpoint,
-)
+from nanogpt.checkpoint import build_checkpoint, restore_training, save_checkpoint
 from nanogpt.dataset import estimate_loss, open_dataset, train_batches, val_sha256
 from nanogpt.device import peak_flops, peak_memory, reset_peak_memory, resolve_device, setup
 from nanogpt.errors import UserError
 from nanogpt.hf import GPT2_NAMES
+from nanogpt.init_from import checkpoint_file, init_model
 from nanogpt.lora import parse_targets
 from nanogpt.optimizers import configure_optimizers
 from nanogpt.parallel import place, wrap
+from nanogpt.run_dir import MetricsLog, claim_out_dir
 from nanogpt.tokenizer import Tokenizer
 
 
@@ -183,45 +176,6 @@ def train_step(model, optimizer, scaler, ctx, batches, accum, grad_clip, ddp=Fal
     return loss_sum
 
 
-class MetricsLog:
-    """out_dir/metrics.jsonl, one JSON object per line, and Weights & Biases if asked for. A resumed
-    run keeps the rows up to the step it resumes from and drops later ones, which it is about to
-    redo."""
-
-    def __init__(self, cfg, start_iter, tokens_per_iter):
-        self.tokens_per_iter = tokens_per_iter
-        path = os.path.join(cfg.out_dir, 'metrics.jsonl')
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        if start_iter > 0 and os.path.isfile(path):
-            rows = read_metrics(path)
-            with open(path + '.tmp', 'w') as f:
-                f.writelines(json.dumps(row) + '\n' for row in rows if row['iter'] <= start_iter)
-            os.replace(path + '.tmp', path)
-        self.file = open(path, 'w' if start_iter == 0 else 'a')  # a new run, a new log
-        self.wandb = None
-        if cfg.wandb_log:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("wandb_log=True needs Weights & Biases: "
-                                "pip install wandb") from None
-            self.wandb = wandb
-            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
-
-    def log(self, iter_num, **row):
-        row = {'iter': iter_num, 'tokens': iter_num * self.tokens_per_iter, **row,
-               'time': round(time.time(), 3)}
-        self.file.write(json.dumps(row) + '\n')
-        self.file.flush()
-        if self.wandb:
-            self.wandb.log(row, step=iter_num)
-
-    def close(self):
-        self.file.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
 def format_duration(seconds):
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -249,17 +203,24 @@ def stop_signals():
             signal.signal(s, h)
 
 
-def step_verdict(bad_iter, signum, world_size):
-    """(bad_iter, signum), the same on every process: the first step whose loss was not finite on
-    some process (-1: none), and the stop signal any of them received (0: none). A device-to-host
-    sync, and under DDP an all-reduce of two numbers, so that all processes stop at the same step:
-    the loop asks only at log steps, before evaluations and when a signal came (nanoGPT syncs only
-    on log steps too), so that a GPU never waits for the host in between."""
+def step_verdict(bad_iter, signum, world_size, lr, out_dir):
+    """The stop signal any process received (0: none), the same on every process; a UserError if
+    the loss of some step (bad_iter: the first, -1 for none) was not finite on some process. A
+    device-to-host sync, and under DDP an all-reduce of two numbers, so that all processes stop at
+    the same step: the loop asks only at log steps, before evaluations and when a signal came
+    (nanoGPT syncs only on log steps too), so that a GPU never waits for the host in between."""
     flags = torch.stack([bad_iter.float(), torch.tensor(float(signum), device=bad_iter.device)])
     if world_size > 1:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    bad_iter, signum = flags.tolist()
-    return int(bad_iter), int(signum)
+    bad_iter, signum = (int(f) for f in flags.tolist())
+    if bad_iter >= 0:
+        # Stop, not skip: a non-finite loss means the learning rate, the data or the precision is
+        # wrong, and the weights and AdamW's moments have taken the nan/inf in.
+        last_good = os.path.join(out_dir, 'ckpt.pt')
+        raise UserError(f"the loss is not finite at iter {bad_iter} (lr {lr:.2e}): the run "
+                        f"diverged and stopped without saving, so {last_good} (if any) is the "
+                        "last good state: lower --learning_rate, then resume or restart")
+    return signum
 
 
 def check_config(cfg):
@@ -350,6 +311,81 @@ def main(cfg):
             torch.distributed.destroy_process_group()
 
 
+def agreed(fn, world_size):
+    """fn()'s result, run on every process; a UserError on any of them is raised on all (each
+    prints the one line), rather than leaving the others waiting at their next collective until
+    the connection breaks with a traceback."""
+    try:
+        result, error = fn(), None
+    except UserError as e:
+        result, error = None, str(e)
+    if world_size > 1:
+        errors = [None] * world_size
+        torch.distributed.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise UserError(error)
+    return result
+
+
+def start(cfg, dev, rank, world_size, on_exit):
+    """The dataset, the model a run starts from and the checkpoint it resumes (None), out_dir's lock
+    (process 0's, released by on_exit)."""
+    master = rank == 0
+    torch.manual_seed(cfg.seed)  # the same init on every process (FSDP shards it as it is)
+    vocab, splits = open_dataset(cfg.dataset, cfg.data_dir, cfg.block_size)
+    data_sha256 = val_sha256(cfg.dataset, cfg.data_dir)  # a resume must measure on the same val
+    model, ckpt = init_model(cfg, vocab, Tokenizer(vocab).vocab_size, master, data_sha256,
+                             dev.device)
+    if master and not cfg.eval_only:  # out_dir is this run's until it ends: no other writes there
+        on_exit.callback(os.close, claim_out_dir(cfg))
+    return vocab, splits, data_sha256, model, ckpt
+
+
+def make_ready(model, ckpt, cfg, dev, rank, world_size):
+    """(raw_model, model, optimizer, scaler): the model placed on its device(s) (FSDP shards it),
+    its optimizer and grad scaler, a resumed run's state restored, then wrapped (compile, DDP).
+    raw_model is what is saved: never the compiled or DDP-wrapped module (FSDP's is it)."""
+    if rank:
+        torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
+    model.checkpoint_blocks = cfg.activation_checkpointing
+    place(model, dev, world_size, cfg.parallelism)  # before the optimizer: FSDP's shards are new
+    # A GradScaler only for fp16, whose narrow range would flush small gradients to zero.
+    scaler = torch.amp.GradScaler(dev.type, enabled=dev.dtype == 'float16')
+    optimizer = configure_optimizers(model, cfg, dev.type)
+    if ckpt:
+        restore_training(ckpt, model, optimizer, scaler)
+        if rank:  # other ranks' dropout streams, freshly drawn after the restored rng
+            torch.manual_seed(cfg.seed + rank + ckpt['iter_num'])
+    return model, wrap(model, dev, world_size, cfg.parallelism, rank == 0), optimizer, scaler
+
+
+class Pace:
+    """Time per step over each log window, its moving average (the ETA) and MFU; the run's first
+    window (compilation, allocator, caches) is left out of the averages, evaluations out of the
+    time."""
+
+    def __init__(self, iter_num, flops_per_iter, peak):
+        self.start, self.flops_per_iter, self.peak = iter_num, flops_per_iter, peak
+        self.dt_avg = self.mfu = None
+        self.restart(iter_num)
+
+    def restart(self, iter_num):
+        self.t, self.window_start = time.perf_counter(), iter_num
+
+    def lap(self, iter_num):
+        """Seconds per step since the last lap; call after the device has finished (.item())."""
+        dt = (time.perf_counter() - self.t) / (iter_num - self.window_start)
+        if self.window_start > self.start:
+            self.mfu = self.flops_per_iter / dt / self.peak if self.peak else None
+            self.dt_avg = dt if self.dt_avg is None else 0.9 * self.dt_avg + 0.1 * dt
+        self.restart(iter_num)
+        return dt
+
+    def eta(self, iters_left):
+        return format_duration(iters_left * self.dt_avg) if self.dt_avg else '-'
+
+
 def train(cfg, dev, rank, world_size, received, on_exit):
     t_launch = time.perf_counter()
     master = rank == 0  # the process that prints, logs and saves
@@ -358,30 +394,12 @@ def train(cfg, dev, rank, world_size, received, on_exit):
         print_config(cfg)
         print(f"device {dev.device}, dtype {dev.dtype}, compile {dev.compile}, "
               f"{world_size} process(es); {tokens_per_iter:,} tokens per step")
-    torch.manual_seed(cfg.seed)  # the same init on every process (FSDP shards it as it is)
-    vocab, splits = open_dataset(cfg.dataset, cfg.data_dir, cfg.block_size)
-    data_sha256 = val_sha256(cfg.dataset, cfg.data_dir)  # a resume must measure on the same val
-    model, ckpt = init_model(cfg, vocab, Tokenizer(vocab).vocab_size, master, data_sha256,
-                             dev.device)
-    if rank:
-        torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
-    if master and not cfg.eval_only:  # out_dir is this run's until it ends: no other writes there
-        on_exit.callback(os.close, claim_out_dir(cfg))
+    vocab, splits, data_sha256, model, ckpt = agreed(
+        lambda: start(cfg, dev, rank, world_size, on_exit), world_size)
     iter_num, best_val_loss = ((ckpt['iter_num'], ckpt['best_val_loss']) if ckpt
                                else (0, float('inf')))
-    model.checkpoint_blocks = cfg.activation_checkpointing
-    place(model, dev, world_size, cfg.parallelism)  # before the optimizer: FSDP's shards are new
-    # A GradScaler only for fp16, whose narrow range would flush small gradients to zero.
-    scaler = torch.amp.GradScaler(dev.type, enabled=dev.dtype == 'float16')
-    optimizer = configure_optimizers(model, cfg, dev.type)
-    if ckpt:
-        restore_training(ckpt, model, optimizer, scaler)
-        if rank:
-            # other ranks' dropout streams, freshly drawn
-            torch.manual_seed(cfg.seed + rank + iter_num)
-        ckpt = None  # free the memory
-    raw_model = model  # what is saved: never the compiled or DDP-wrapped module (FSDP's is it)
-    model = wrap(model, dev, world_size, cfg.parallelism, master)
+    raw_model, model, optimizer, scaler = make_ready(model, ckpt, cfg, dev, rank, world_size)
+    ckpt = None  # free the memory
     reset_peak_memory(dev.device)  # the memory the training steps need, not loading the model
     metrics = MetricsLog(cfg, iter_num, tokens_per_iter) if master and not cfg.eval_only else None
 
@@ -397,9 +415,8 @@ def train(cfg, dev, rank, world_size, received, on_exit):
     # MFU counts one process's tokens against one GPU's data-sheet peak (none off CUDA: a CPU's peak
     # measured in passing would be a guess; bench.py measures it on an idle machine)
     peak = cfg.peak_flops or (peak_flops(dev.device, dev.dtype) if dev.type == 'cuda' else None)
-    flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / world_size
+    pace = Pace(iter_num, raw_model.flops_per_token() * tokens_per_iter / world_size, peak)
     start_iter = iter_num
-    t_log, window_start, mfu, dt_avg = time.perf_counter(), iter_num, None, None
     losses = {}  # of the last evaluation
     stop_signal = 0  # a SIGINT/SIGTERM that some process received by the end of the last step
     # the first step whose loss was not finite, kept on the device so that no step waits to read it
@@ -434,8 +451,7 @@ def train(cfg, dev, rank, world_size, received, on_exit):
                 if master:
                     print(f"saved checkpoint to {cfg.out_dir}" + (" (new best)" if is_best else ""))
                 saved = True
-            # evaluation time doesn't count as training time
-            t_log, window_start = time.perf_counter(), iter_num
+            pace.restart(iter_num)  # evaluation time doesn't count as training time
         if last or cfg.eval_only:
             break
         # a graceful stop: ckpt.pt gets this step (best.pt moves only at evaluations)
@@ -460,36 +476,22 @@ def train(cfg, dev, rank, world_size, received, on_exit):
         log_step = iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters
         eval_next = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
         if log_step or eval_next or (world_size == 1 and received['signal']):
-            first_bad, stop_signal = step_verdict(bad_iter, received['signal'], world_size)
-            if first_bad >= 0:
-                # Stop, not skip: a non-finite loss means the learning rate, the data or the
-                # precision is wrong, and the weights and AdamW's moments have taken the nan/inf in.
-                raise UserError(f"the loss is not finite at iter {first_bad} (lr {lr:.2e}): the "
-                                "run diverged and stopped without saving, so "
-                                f"{os.path.join(cfg.out_dir, 'ckpt.pt')} (if any) is the last good "
-                                "state: lower --learning_rate, then resume or restart")
+            stop_signal = step_verdict(bad_iter, received['signal'], world_size, lr, cfg.out_dir)
 
         if log_step:
             if world_size > 1:
                 torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
             lossf = loss_sum.item()  # .item() waits for the device, so the clock below is honest
-            dt = (time.perf_counter() - t_log) / (iter_num - window_start)
-            # The run's first step (compilation, allocator, caches) is left out of the averages
-            warm = window_start > start_iter
-            t_log, window_start = time.perf_counter(), iter_num
+            dt, mfu = pace.lap(iter_num), pace.mfu
             mem = peak_memory(dev.device)  # bytes, this process's
             if master:
-                if warm:
-                    mfu = flops_per_iter / dt / peak if peak else None
-                    dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
-                eta = format_duration((cfg.max_iters - iter_num) * dt_avg) if dt_avg else '-'
                 # flush: shows in `| tee` too
                 print(f"iter {iter_num}/{cfg.max_iters} "
                       f"({100 * iter_num / max(cfg.max_iters, 1):.0f}%): loss {lossf:.4f}, "
                       f"lr {lr:.2e}, {dt * 1000:.1f} ms, {tokens_per_iter / dt:,.0f} tok/s, "
                       + (f"mfu {100 * mfu:.1f}%, " if mfu is not None else '')
                       + (f"peak mem {mem / 2**30:.2f} GiB, " if mem else '')
-                      + f"eta {eta}", flush=True)
+                      + f"eta {pace.eta(cfg.max_iters - iter_num)}", flush=True)
                 metrics.log(iter_num, train_loss=lossf, lr=lr, ms_per_iter=round(dt * 1000, 3),
                             **({'mfu': round(mfu, 5)} if mfu is not None else {}),
                             **({'peak_mem_gib': round(mem / 2**30, 3)} if mem else {}))

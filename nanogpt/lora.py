@@ -94,3 +94,11 @@ def merge_lora(model):
         if isinstance(getattr(module, attr), LoRALinear):
             setattr(module, attr, getattr(module, attr).merged())
     return model
+
+
+def lora_args(cfg):
+    """apply_lora's arguments for a run's config; None without LoRA."""
+    if not getattr(cfg, 'lora_rank', 0):
+        return None
+    return {'rank': cfg.lora_rank, 'alpha': cfg.lora_alpha, 'dropout': cfg.lora_dropout,
+            'targets': cfg.lora_targets}

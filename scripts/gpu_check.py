@@ -16,7 +16,6 @@ comes from data/shakespeare_char/input.txt, $NANOGPT_SHARED_DATA/tinyshakespeare
 """
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -25,6 +24,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from nanogpt.run_dir import read_metrics  # noqa: E402
 
 # the baby GPT's steps on a GPU; on the CPU (--cpu) a tiny model, to check the plumbing only
 GPU = dict(steps=300,
@@ -55,15 +56,10 @@ def run(args, log, env=None):
     return r.returncode == 0, r.stdout + r.stderr, dt
 
 
-def metrics(out_dir):
-    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def train_summary(out_dir):
     """Steady-state ms/iter and MFU (medians of the last quarter of the log lines), and the first
     and last val loss."""
-    rows = metrics(out_dir)
+    rows = read_metrics(out_dir)
     steps = [r for r in rows if 'ms_per_iter' in r][-max(1, len(rows) // 4):]
     ms = sorted(r['ms_per_iter'] for r in steps)[len(steps) // 2]
     mfus = sorted(r['mfu'] for r in steps if 'mfu' in r)  # none off CUDA

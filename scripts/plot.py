@@ -14,17 +14,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from configurator import cli
-from nanogpt.checkpoint import read_metrics as read_metrics_file
 from nanogpt.errors import UserError
+from nanogpt.run_dir import metrics_path
+from nanogpt.run_dir import read_metrics as read_run_metrics
 
 
 def read_metrics(out_dir):
-    path = os.path.join(out_dir, 'metrics.jsonl')
-    if not os.path.isfile(path):
-        raise UserError(f"no metrics log at {path}: train a run with this out_dir first")
-    rows = read_metrics_file(path)
+    rows = read_run_metrics(out_dir)
     if not rows:
-        raise UserError(f"{path} is empty: the run has not logged a step yet")
+        raise UserError(f"{metrics_path(out_dir)} is empty: the run has not logged a step yet")
     return rows
 
 

@@ -3,7 +3,6 @@ scripts, write command lines and compare checkpoints."""
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import socket
@@ -12,6 +11,8 @@ import sys
 import time
 
 import pytest
+
+from nanogpt.run_dir import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # one CPU thread per test process (and the scripts it runs), set before torch is imported: the tiny
@@ -173,8 +174,7 @@ def tiny_gpt(weight_scale=1.0, **overrides):
 
 def metrics(out_dir):
     """The rows of a run's metrics log, out_dir/metrics.jsonl."""
-    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
+    return read_metrics(out_dir)
 
 
 def dir_snapshot(path):

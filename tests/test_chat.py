@@ -42,9 +42,9 @@ from nanogpt.chat_format import (
     prompt,
     render,
 )
-from nanogpt.checkpoint import grow_vocab, padded_vocab_size
 from nanogpt.dataset import get_batch, open_dataset
-from nanogpt.tokenizer import GPT2_VOCAB, Tokenizer, char_vocab
+from nanogpt.init_from import grow_vocab
+from nanogpt.tokenizer import GPT2_VOCAB, Tokenizer, char_vocab, padded_vocab_size
 
 EDGE_CASES = [
     [{'role': 'system', 'content': 'You are terse.'}, {'role': 'user', 'content': 'Hi!'},
@@ -214,7 +214,8 @@ def test_finetuning_gpt2_on_conversations_grows_its_rows_and_keeps_them_for_samp
     """OpenAI's GPT-2 (a tiny stand-in folder) has 50257 rows: it gets the padded 50304 a model
     trained here has, computes what it did, and its checkpoint loads with the chat rows."""
     transformers = pytest.importorskip('transformers')
-    from nanogpt.checkpoint import init_model, load_model
+    from nanogpt.checkpoint import load_model
+    from nanogpt.init_from import init_model
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=50257)).eval()

@@ -15,7 +15,6 @@ import train
 from conftest import dir_snapshot, flags, metrics, run_script, tiny_gpt, tiny_train_config
 from nanogpt import device
 from nanogpt.checkpoint import (
-    init_model,
     load_checkpoint,
     load_model,
     model_from_checkpoint,
@@ -24,6 +23,7 @@ from nanogpt.checkpoint import (
 )
 from nanogpt.errors import UserError
 from nanogpt.generation import KVCache, sample_next
+from nanogpt.init_from import init_model
 from nanogpt.optimizers import configure_optimizers
 
 # --------------------------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ import train
 from configurator import load_config
 from conftest import dir_snapshot, fails, tiny_train_config, train_args
 from nanogpt import dataset
-from nanogpt.checkpoint import claim_out_dir, load_checkpoint, save_checkpoint
+from nanogpt.checkpoint import load_checkpoint, save_checkpoint
 from nanogpt.errors import UserError
 from nanogpt.prepare import write_split
+from nanogpt.run_dir import claim_out_dir
 from scripts import plot
 
 
