@@ -2,21 +2,30 @@
 Plot training runs: train and val loss (and the learning rate) against tokens seen, from the
 metrics.jsonl that train.py writes in each out_dir.
 
-    python scripts/plot.py out-shakespeare-char-cpu
-    python scripts/plot.py out-a out-b --output=compare.png --title="lr 1e-3 vs 3e-3"
+    python scripts/plot.py --out_dir=out-shakespeare-char-cpu
+    python scripts/plot.py --out_dir=out-a,out-b --output=compare.png --title="lr 1e-3 vs 3e-3"
 
-Needs matplotlib (pip install matplotlib).
+Needs matplotlib: pip install -e .[plot]
 """
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from configurator import cli
 from nanogpt.errors import UserError
 from nanogpt.run_dir import metrics_path
 from nanogpt.run_dir import read_metrics as read_run_metrics
+
+
+@dataclass
+class PlotConfig:
+    out_dir: str = 'out'  # a training run's folder, or several separated by commas, to compare
+    output: str = 'loss.png'  # the PNG to write
+    title: str = ''
+    width: int = 1000  # pixels
+    height: int = 700  # pixels
 
 
 def read_metrics(out_dir):
@@ -32,7 +41,7 @@ def plot(out_dirs, output, title=None, width=1000, height=700):
     try:
         import matplotlib
     except ImportError:
-        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+        raise UserError("plotting needs matplotlib: pip install -e .[plot]") from None
     matplotlib.use('Agg')  # files only, no window
     import matplotlib.pyplot as plt
     dpi = 100
@@ -61,16 +70,16 @@ def plot(out_dirs, output, title=None, width=1000, height=700):
     print(f"wrote {output} ({width}x{height})")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('out_dirs', nargs='+', help="training runs' out_dir folders")
-    parser.add_argument('--output', default='loss.png', help='the PNG to write')
-    parser.add_argument('--title')
-    parser.add_argument('--width', type=int, default=1000, help='pixels')
-    parser.add_argument('--height', type=int, default=700, help='pixels')
-    args = parser.parse_args()
-    plot(args.out_dirs, args.output, args.title, args.width, args.height)
+def check_config(cfg):
+    if cfg.width <= 0 or cfg.height <= 0:
+        raise UserError(f"width and height must be positive, got {cfg.width}x{cfg.height}")
+
+
+def main(cfg):
+    check_config(cfg)
+    plot([d for d in cfg.out_dir.split(',') if d], cfg.output, cfg.title or None, cfg.width,
+         cfg.height)
 
 
 if __name__ == '__main__':
-    cli(main)
+    cli(main, PlotConfig)

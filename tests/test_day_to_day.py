@@ -65,11 +65,12 @@ def test_plot_writes_a_png_of_the_requested_size(tmp_path, char_data):
         train(tiny_train_config(tmp_path / name, char_data, max_iters=10, log_interval=2,
                                 eval_interval=5))
     out = tmp_path / 'loss.png'
-    r = run_script('scripts/plot.py', str(tmp_path / 'a'), str(tmp_path / 'b'), f'--output={out}',
-                   '--width=800', '--height=500')
+    r = run_script('scripts/plot.py', f"--out_dir={tmp_path / 'a'},{tmp_path / 'b'}",
+                   f'--output={out}', '--width=800', '--height=500')
     assert r.returncode == 0, r.stderr
     assert png_size(out) == (800, 500) and os.path.getsize(out) > 10_000
-    r = run_script('scripts/plot.py', str(tmp_path / 'nope'), f'--output={tmp_path / "x.png"}')
+    r = run_script('scripts/plot.py', f"--out_dir={tmp_path / 'nope'}",
+                   f'--output={tmp_path / "x.png"}')
     assert r.returncode == 2 and 'no metrics log at' in r.stderr
 
 
