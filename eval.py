@@ -100,7 +100,7 @@ def import_sacrebleu():
     try:
         import sacrebleu
     except ImportError:
-        raise UserError("BLEU needs sacrebleu: pip install sacrebleu "
+        raise UserError("BLEU needs sacrebleu: pip install -e .[eval] "
                         "(or skip BLEU with --bleu_samples=0)") from None
     return sacrebleu
 
@@ -109,7 +109,7 @@ def progress_bar(**kwargs):
     try:
         from tqdm import tqdm
     except ImportError:
-        raise UserError("the progress bar needs tqdm: pip install tqdm") from None
+        raise UserError("the progress bar needs tqdm: pip install -e .[eval]") from None
     return tqdm(**kwargs)
 
 

@@ -68,7 +68,7 @@ class TrainConfig:
     # n_embd, bias and the modern switches; block_size crops its positions.
     init_from: str = 'scratch'
     seed: int = 1337  # seeds the initialisation, the batches and dropout
-    # Weights & Biases (optional: pip install wandb)
+    # Weights & Biases (optional: pip install -e .[wandb])
     wandb_log: bool = False
     wandb_project: str = 'owt'
     wandb_run_name: str = 'gpt2'

@@ -4,7 +4,7 @@
 # torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 
 out_dir = 'out-gpt2'
-wandb_log = False  # True to follow the ~4-day run on wandb.ai (pip install wandb)
+wandb_log = False  # True to follow the ~4-day run on wandb.ai (pip install -e .[wandb])
 wandb_project = 'owt'
 wandb_run_name = 'gpt2-124M'
 

@@ -32,7 +32,7 @@ def from_pretrained(name_or_path, dropout=None):
         from transformers import GPT2LMHeadModel
     except ImportError:
         raise UserError("loading GPT-2 needs Hugging Face transformers: "
-                        "pip install transformers") from None
+                        "pip install -e .[hf]") from None
     try:
         hf = GPT2LMHeadModel.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:  # no network, no such folder content, a foreign config.json
@@ -72,7 +72,7 @@ def export_hf(model, folder, tokenizer=None):
         from safetensors.torch import save_file
     except ImportError:
         raise UserError("exporting to Hugging Face needs safetensors: "
-                        "pip install safetensors") from None
+                        "pip install -e .[hf]") from None
     c = model.config
     eos_token_id = tokenizer.eot_token if tokenizer is not None else None
     if tokenizer is not None and END in tokenizer.special:  # a chat model ends its turn there

@@ -89,7 +89,7 @@ class MetricsLog:
                 import wandb
             except ImportError:
                 raise UserError("wandb_log=True needs Weights & Biases: "
-                                "pip install wandb") from None
+                                "pip install -e .[wandb]") from None
             self.wandb = wandb
             wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
 
