@@ -22,7 +22,8 @@ import torch
 from nanogpt.errors import UserError
 from nanogpt.prepare import file_sha256
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
+# the repo's data/ folder, where data/<name>/prepare.py writes (this file is in nanogpt/)
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data')
 
 
 def open_dataset(dataset, data_dir='', block_size=1, splits=('train', 'val')):
