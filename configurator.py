@@ -107,17 +107,54 @@ def load_config(cls, args):
     return cls(**values)
 
 
+def field_comments(cls):
+    """{field: its comment} from the dataclass's source: the comment on the field's line, else the
+    comment lines just above it (where a long one goes)."""
+    import inspect
+    comments, above = {}, []
+    lines = [line for c in reversed(cls.__mro__) if dataclasses.is_dataclass(c)  # inherited too
+             for line in inspect.getsource(c).splitlines()[1:]]
+    for line in lines:
+        if line.strip().startswith('#'):
+            above.append(line.strip().lstrip('# '))
+            continue
+        code, _, comment = line.partition('  # ')
+        code = code.strip()
+        if ':' in code and code.split(':')[0].isidentifier():
+            comments[code.split(':')[0]] = comment.strip() or ' '.join(above)
+            above = []
+        else:
+            above = []
+    return comments
+
+
+def usage(cls, doc):
+    """What --help prints: the script's docstring (its commands), then every key, its default
+    and its comment."""
+    comments = field_comments(cls)
+    lines = [(doc or '').strip(), '', 'keys (--key=value; defaults < config file < flags):']
+    for f in dataclasses.fields(cls):
+        lines.append(f"  --{f.name}={f.default!r}" + (f"  {comments[f.name]}"
+                                                     if comments.get(f.name) else ''))
+    return '\n'.join(lines)
+
+
 def print_config(cfg):
     print('config: ' + ', '.join(f'{k}={v!r}' for k, v in dataclasses.asdict(cfg).items()))
 
 
 def cli(main, cls=None, argv=None):
     """Entry point of every script: parse argv into a `cls` config, run main(cfg), and turn a
-    UserError into one line on stderr and exit status 2. Without cls, main() parses its own args."""
+    UserError into one line on stderr and exit status 2; --help (or -h) prints usage() and exits.
+    Without cls, main() parses its own args."""
+    argv = sys.argv[1:] if argv is None else argv
+    if cls is not None and any(a in ('-h', '--help') for a in argv):
+        print(usage(cls, sys.modules[main.__module__].__doc__))
+        sys.exit(0)
     try:
         if cls is None:
             return main()
-        cfg = load_config(cls, sys.argv[1:] if argv is None else argv)
+        cfg = load_config(cls, argv)
         return main(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,6 +21,20 @@ GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
 HF_TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 
 
+def in_hf_cache(name):
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(name, 'config.json'), str)
+
+
+def reachable(url, timeout=5.0):
+    import requests
+    try:
+        requests.head(url, timeout=timeout)
+    except requests.RequestException:
+        return False
+    return True
+
+
 def from_pretrained(name_or_path, dropout=None):
     """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl': downloaded by transformers)
     or a local Hugging Face GPT-2 folder, as a GPT in fp32 on the CPU. The shape is the checkpoint's
@@ -33,6 +47,13 @@ def from_pretrained(name_or_path, dropout=None):
     except ImportError:
         raise UserError("loading GPT-2 needs Hugging Face transformers: "
                         "pip install -e .[hf]") from None
+    if name_or_path in GPT2_NAMES and not in_hf_cache(name_or_path):
+        # transformers would retry for about a minute before its own error
+        endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
+        if not reachable(endpoint):
+            raise UserError(f"{name_or_path!r} is downloaded from {endpoint}, which cannot be "
+                            "reached (no network?): connect, or pass a local Hugging Face GPT-2 "
+                            "folder (config.json + weights)")
     try:
         hf = GPT2LMHeadModel.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:  # no network, no such folder content, a foreign config.json
