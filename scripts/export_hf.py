@@ -8,8 +8,8 @@ lm-evaluation-harness and the rest of that ecosystem, with no network.
         generate = pipeline('text-generation', model='hf-shakespeare'); \
         print(generate('ROMEO:', max_new_tokens=50)[0]['generated_text'])"
 
-Needs `pip install -e .[hf]` (safetensors; transformers, with tokenizers, to load the result). A GPT-2 BPE
-model gets GPT-2's vocab.json and merges.txt, made offline from tiktoken's vocabulary; a
+Needs `pip install -e .[hf]` (safetensors; transformers, with tokenizers, to load the result).
+A GPT-2 BPE model gets GPT-2's vocab.json and merges.txt, made offline from tiktoken's vocabulary; a
 character-level one a tokenizer.json with one token per character. Both encode and decode exactly
 as our tokenizer does (tests/test_benchmarks.py checks it on all of tiny Shakespeare).
 """
