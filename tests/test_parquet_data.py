@@ -239,3 +239,14 @@ def test_train_trains_on_the_prepared_corpus(tmp_path, hub, gpt2_bpe):
     result = train.main(cfg)
     # from ln(50257) = 10.8 at init to well below it on 30 steps of this repetitive text
     assert result['iter_num'] == 30 and result['losses']['train'] < 7.0
+
+
+def test_the_fineweb_recipe_is_llm_c_s_step_and_schedule():
+    from configurator import load_config
+    from train import TrainConfig, check_config
+    cfg = load_config(TrainConfig, ['config/train_gpt2_fineweb.py'])
+    check_config(cfg)
+    # 2**19 tokens per step, one epoch of 10B tokens, lr 6e-4 warming up over 700 steps to 0
+    assert cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps == 524_288
+    assert (cfg.max_iters, cfg.warmup_iters, cfg.learning_rate, cfg.min_lr) == (19073, 700, 6e-4, 0)
+    assert cfg.dataset == 'fineweb_edu' and cfg.eval_interval == 250
