@@ -219,23 +219,37 @@ def hub_parquet_files(repo, revision, folder):
     return files
 
 
-def parquet_documents(path, column='text', batch_rows=1024):
-    """The documents of a parquet file's `column`, batch_rows at a time (lists of str): memory holds
-    one batch and the row group it comes from, whatever the file's size. Null documents are
-    skipped. A file pyarrow cannot read is a UserError naming it."""
+def parquet_row_groups(path, column='text'):
+    """The number of rows of each row group of a parquet file with a `column`, from its footer;
+    a file pyarrow cannot read is a UserError naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (pa.ArrowException, OSError) as e:
+        raise unreadable(path, e) from None
+    if column not in meta.schema.names:
+        raise UserError(f"{path} has no '{column}' column (it has {', '.join(meta.schema.names)})")
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def unreadable(path, e):
+    first_line = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    return UserError(f"{path} is not a readable parquet file ({first_line}): delete it, and run "
+                     "again to download it anew")
+
+
+def read_documents(path, row_group, column='text', batch_rows=1024):
+    """The documents of one row group of a parquet file, batch_rows at a time (lists of str);
+    null documents are skipped."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(path)
-        if column not in pf.schema_arrow.names:
-            raise UserError(f"{path} has no '{column}' column "
-                            f"(it has {', '.join(pf.schema_arrow.names)})")
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=[column]):
+        for batch in pf.iter_batches(batch_rows, row_groups=[row_group], columns=[column]):
             yield [text for text in batch.column(0).to_pylist() if text is not None]
     except (pa.ArrowException, OSError) as e:
-        first_line = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UserError(f"{path} is not a readable parquet file ({first_line}): delete it, and "
-                        "run again to download it anew") from None
+        raise unreadable(path, e) from None
 
 
 _encoding = None  # GPT-2's BPE, loaded once per worker process
@@ -244,7 +258,7 @@ _encoding = None  # GPT-2's BPE, loaded once per worker process
 def encode_documents(texts):
     """GPT-2 BPE ids of each document, each followed by <|endoftext|> (50256), concatenated as
     uint16. encode_ordinary: a literal "<|endoftext|>" inside a web page is text, not a document
-    boundary. Runs in the worker processes."""
+    boundary."""
     global _encoding
     if _encoding is None:
         from nanogpt.tokenizer import GPT2_VOCAB, Tokenizer
@@ -256,49 +270,54 @@ def encode_documents(texts):
     return np.array(ids, dtype=np.uint16)
 
 
+def encode_row_group(path, row_group, n_val, column):
+    """What one worker process does: read a row group and encode its documents; the ids of its
+    first n_val rows (val) and of the others (train), and how many documents each held."""
+    val, train = [], []
+    for texts in read_documents(path, row_group, column):
+        take = min(n_val, len(texts))
+        n_val -= take
+        val += texts[:take]
+        train += texts[take:]
+    return encode_documents(val), encode_documents(train), len(val), len(train)
+
+
 def write_parquet_dataset(files, out_dir, val_docs, num_proc, column='text', source=None):
-    """train.bin, val.bin and meta.json from the documents of parquet `files`, tokenised by
-    encode_documents in num_proc processes. The first val_docs documents (of the first file, in
-    file order: the same on every machine) are val, all the others train. Memory stays bounded:
-    at most 2 * num_proc batches of documents are in flight, and the ids are appended to the bins
-    as they come back, in order."""
+    """train.bin, val.bin and meta.json from the documents of parquet `files`, each row group
+    read and tokenised by one of num_proc worker processes (so the main process only writes, and
+    the work scales with the cores). The first val_docs rows (of the first file, in file order:
+    the same on every machine) are val, all the others train. Memory stays bounded whatever the
+    files' sizes: at most 2 * num_proc row groups are in flight, and their ids are appended to the
+    bins as they come back, in order."""
     from nanogpt.tokenizer import GPT2_VOCAB, Tokenizer
     vocab_size = Tokenizer(GPT2_VOCAB).vocab_size  # fails here, in one line, without the BPE file
     os.makedirs(out_dir, exist_ok=True)
-
-    def batches():  # (split, documents)
-        seen = 0
-        for path in files:
-            for texts in parquet_documents(path, column):
-                n_val = max(0, min(len(texts), val_docs - seen))
-                seen += len(texts)
-                if n_val:
-                    yield 'val', texts[:n_val]
-                if n_val < len(texts):
-                    yield 'train', texts[n_val:]
-
+    tasks, seen = [], 0  # (file, row group, how many of its first rows are val)
+    for path in files:
+        for i, rows in enumerate(parquet_row_groups(path, column)):
+            tasks.append((path, i, max(0, min(rows, val_docs - seen)), column))
+            seen += rows
     n_bytes = sum(os.path.getsize(p) for p in files)
     tokens, docs = {'train': 0, 'val': 0}, {'train': 0, 'val': 0}
     t0 = time.perf_counter()
     bins = {s: open(os.path.join(out_dir, f'{s}.bin.tmp'), 'wb') for s in ('train', 'val')}
     try:
         with multiprocessing.Pool(num_proc) as pool:
-            pending = deque()  # (split, number of documents, ids on their way), in corpus order
+            pending = deque()  # row groups on their way, in corpus order
 
             def write_oldest():
-                split, n_docs, result = pending.popleft()
-                ids = result.get()
-                ids.tofile(bins[split])
-                tokens[split] += len(ids)
-                docs[split] += n_docs
-                n = sum(docs.values())
-                if n % 100_000 < n_docs:  # about every 100k documents
-                    dt = time.perf_counter() - t0
-                    print(f"{n:,} documents, {sum(tokens.values()):,} tokens, "
-                          f"{sum(tokens.values()) / dt:,.0f} tokens/s", flush=True)
+                val, train, n_val, n_train = pending.popleft().get()
+                for split, ids, n in (('val', val, n_val), ('train', train, n_train)):
+                    ids.tofile(bins[split])
+                    tokens[split] += len(ids)
+                    docs[split] += n
+                if sum(docs.values()) % 100_000 < n_val + n_train:  # about every 100k
+                    print(f"{sum(docs.values()):,} documents, {sum(tokens.values()):,} tokens, "
+                          f"{sum(tokens.values()) / (time.perf_counter() - t0):,.0f} tokens/s",
+                          flush=True)
 
-            for split, texts in batches():
-                pending.append((split, len(texts), pool.apply_async(encode_documents, (texts,))))
+            for task in tasks:
+                pending.append(pool.apply_async(encode_row_group, task))
                 if len(pending) >= 2 * num_proc:
                     write_oldest()
             while pending:
