@@ -42,6 +42,7 @@ from nanogpt.errors import UserError
 from nanogpt.hf import GPT2_NAMES
 from nanogpt.init_from import checkpoint_file, init_model
 from nanogpt.lora import parse_targets
+from nanogpt.multiple_choice import accuracy, load_items
 from nanogpt.optimizers import configure_optimizers
 from nanogpt.parallel import place, wrap
 from nanogpt.run_dir import MetricsLog, claim_out_dir
@@ -56,6 +57,9 @@ class TrainConfig:
     log_interval: int = 1  # steps between log lines
     eval_iters: int = 200  # batches per split in each loss estimate
     eval_only: bool = False  # evaluate once and exit
+    # a multiple-choice set scored at every evaluation, its mc_acc and mc_acc_norm logged beside
+    # the val loss: data/hellaswag/val.jsonl (python data/hellaswag/prepare.py), or '' for none
+    mc_eval_file: str = ''
     # also evaluate the untrained model at step 0 (False saves that time in a race)
     eval_at_start: bool = True
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
@@ -329,17 +333,18 @@ def agreed(fn, world_size):
 
 
 def start(cfg, dev, rank, world_size, on_exit):
-    """The dataset, the model a run starts from and the checkpoint it resumes (None), out_dir's lock
-    (process 0's, released by on_exit)."""
+    """The dataset, the multiple-choice items to score at evaluations (None), the model a run starts
+    from and the checkpoint it resumes (None), out_dir's lock (process 0's, released by on_exit)."""
     master = rank == 0
     torch.manual_seed(cfg.seed)  # the same init on every process (FSDP shards it as it is)
     vocab, splits = open_dataset(cfg.dataset, cfg.data_dir, cfg.block_size)
     data_sha256 = val_sha256(cfg.dataset, cfg.data_dir)  # a resume must measure on the same val
+    mc_items = load_items(cfg.mc_eval_file) if cfg.mc_eval_file else None
     model, ckpt = init_model(cfg, vocab, Tokenizer(vocab).vocab_size, master, data_sha256,
                              dev.device)
     if master and not cfg.eval_only:  # out_dir is this run's until it ends: no other writes there
         on_exit.callback(os.close, claim_out_dir(cfg))
-    return vocab, splits, data_sha256, model, ckpt
+    return vocab, splits, data_sha256, mc_items, model, ckpt
 
 
 def make_ready(model, ckpt, cfg, dev, rank, world_size):
@@ -394,7 +399,7 @@ def train(cfg, dev, rank, world_size, received, on_exit):
         print_config(cfg)
         print(f"device {dev.device}, dtype {dev.dtype}, compile {dev.compile}, "
               f"{world_size} process(es); {tokens_per_iter:,} tokens per step")
-    vocab, splits, data_sha256, model, ckpt = agreed(
+    vocab, splits, data_sha256, mc_items, model, ckpt = agreed(
         lambda: start(cfg, dev, rank, world_size, on_exit), world_size)
     iter_num, best_val_loss = ((ckpt['iter_num'], ckpt['best_val_loss']) if ckpt
                                else (0, float('inf')))
@@ -434,14 +439,20 @@ def train(cfg, dev, rank, world_size, received, on_exit):
             losses = estimate_loss(model, splits, cfg.eval_iters, cfg.batch_size, cfg.block_size,
                                    cfg.seed, dev.device, dev.autocast,
                                    stop=(lambda: received['signal']) if world_size == 1 else None)
+            # FSDP's model runs only in step on all processes: each scores all the items then
+            mc = (accuracy(raw_model, Tokenizer(vocab), mc_items, dev.device, dev.autocast,
+                           *((rank, world_size) if cfg.parallelism == 'ddp' else (0, 1)))
+                  if mc_items and losses else {})
             if losses is None:  # left unfinished: no best.pt from it, ckpt.pt below
                 stop_signal, last = received['signal'], False
             elif master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, "
                       f"val loss {losses['val']:.4f}, "
-                      f"{time.perf_counter() - t_launch:.1f} s since start", flush=True)
+                      + ''.join(f"{k} {v:.4f}, " for k, v in mc.items())
+                      + f"{time.perf_counter() - t_launch:.1f} s since start", flush=True)
                 if metrics:
-                    metrics.log(iter_num, eval_train_loss=losses['train'], val_loss=losses['val'])
+                    metrics.log(iter_num, eval_train_loss=losses['train'], val_loss=losses['val'],
+                                **mc)
             is_best = losses is not None and losses['val'] < best_val_loss
             if (losses and not cfg.eval_only and iter_num > start_iter
                     and (is_best or cfg.always_save_checkpoint)):

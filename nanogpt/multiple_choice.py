@@ -19,6 +19,7 @@ the delimiter; for ASCII text characters are bytes). Ties go to the first ending
 """
 
 import math
+import os
 from contextlib import nullcontext
 
 import torch
@@ -29,6 +30,9 @@ from nanogpt.prepare import read_jsonl
 
 def load_items(path):
     """The items of a multiple-choice JSONL file, each checked, as a list of dicts."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found" + (": run `python data/hellaswag/prepare.py` first"
+                                               if 'hellaswag' in path else ""))
     items = []
     for line_no, item in read_jsonl(path):
         endings, label = item.get('endings'), item.get('label')
@@ -134,6 +138,25 @@ def score(model, tokenizer, items, batch_size=16, device='cpu', ctx=nullcontext(
     return {'acc': acc, 'acc_stderr': stderr(acc, n), 'acc_norm': acc_norm,
             'acc_norm_stderr': stderr(acc_norm, n), 'items': len(items), 'scored': n,
             'skipped': len(items) - n, 'loglikelihoods': per_item}
+
+
+def accuracy(model, tokenizer, items, device='cpu', ctx=nullcontext(), rank=0, world_size=1,
+             batch_size=32):
+    """acc and acc_norm of `items` as a training run logs them beside its val loss: process `rank`
+    of world_size scores items[rank::world_size] and the counts are summed over all processes
+    (every process must call this; world_size=1 scores all items here). The model is put in eval
+    mode (no dropout) for the scoring and back as it was."""
+    was_training = model.training
+    model.eval()
+    part = score(model, tokenizer, items[rank::world_size], batch_size, device, ctx)
+    model.train(was_training)
+    n = part['scored']
+    counts = torch.tensor([part['acc'] * n, part['acc_norm'] * n, n], dtype=torch.float64,
+                          device=device)
+    if world_size > 1:
+        torch.distributed.all_reduce(counts)
+    correct, correct_norm, n = counts.round().tolist()
+    return {'mc_acc': correct / n, 'mc_acc_norm': correct_norm / n}
 
 
 def argmax(values):

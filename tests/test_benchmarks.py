@@ -286,3 +286,31 @@ def test_lm_evaluation_harness_on_an_exported_model_agrees_with_our_scorer(
     assert math.isclose(theirs['results']['acc_stderr,none'], ours['acc_stderr'], abs_tol=1e-6)
     for their_lls, our_lls in zip(theirs['lls'], ours['loglikelihoods'], strict=True):
         assert our_lls == pytest.approx(their_lls, abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# a multiple-choice set scored during training
+
+def test_training_logs_the_multiple_choice_accuracy_of_each_evaluated_model(char_data,
+                                                                            shakespeare_text,
+                                                                            tmp_path):
+    from conftest import metrics
+    from nanogpt.checkpoint import load_model
+    items = shakespeare_items(shakespeare_text, 12, context_chars=20, ending_chars=8)
+    path = write_jsonl(items, tmp_path / 'mc.jsonl')
+    out = tmp_path / 'out'
+    train(tiny_train_config(out, char_data, max_iters=10, eval_interval=5, mc_eval_file=path,
+                            dtype='float32'))  # as the checkpoint is scored below
+    rows = [r for r in metrics(out) if 'val_loss' in r]
+    # in the val loss's rows, at each evaluation (steps 0, 5, 10)
+    assert [r['iter'] for r in rows] == [0, 5, 10] and all('mc_acc_norm' in r for r in rows)
+    # the last is the accuracy of the model saved at that step, as eval.py's scorer finds it
+    model, tokenizer, _ = load_model('resume', str(out), 'ckpt.pt')
+    expected = score(model, tokenizer, items)
+    assert rows[-1]['mc_acc'] == expected['acc']
+    assert rows[-1]['mc_acc_norm'] == expected['acc_norm']
+    # a missing file is refused before training starts, saying where HellaSwag's comes from
+    with pytest.raises(UserError, match=r'hellaswag/val.jsonl not found: run `python data/hell'):
+        train(tiny_train_config(tmp_path / 'out2', char_data, mc_eval_file=str(
+            tmp_path / 'data' / 'hellaswag' / 'val.jsonl')))
+    assert not (tmp_path / 'out2').exists()
