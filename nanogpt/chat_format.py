@@ -48,6 +48,19 @@ def check_conversation(messages):
             raise UserError(f"message {k} ({m['role']}) has no text content")
 
 
+def check_training_conversation(messages):
+    """A UserError if a conversation to learn from (SFT) would teach nothing or the wrong thing:
+    the assistant speaking before any user (it would learn to answer no one), or no assistant
+    message with text (only the bare end token would be learnt: to say nothing)."""
+    check_conversation(messages)
+    roles = [m['role'] for m in messages if m['role'] != 'system']
+    if 'assistant' in roles and roles.index('assistant') < (roles + ['user']).index('user'):
+        raise UserError("an assistant message comes before any user message: put the user's "
+                        "first")
+    if not any(m['role'] == 'assistant' and m['content'].strip() for m in messages):
+        raise UserError("no assistant message with text: nothing to learn from it")
+
+
 def render(tokenizer, messages):
     """The conversation's token ids and its mask, a 0/1 list as long: 1 where the token is one
     the model learns to say (the assistant's content and end tokens)."""

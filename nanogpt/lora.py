@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from nanogpt.errors import UserError
+
 # the Linears of a block, by their names in model.py: q, k and v (one fused matrix), attention's
 # output, and the MLP's two
 TARGETS = ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj')
@@ -80,10 +82,17 @@ def linears(model, names):
 def apply_lora(model, rank, alpha, dropout=0.0, targets='attn.c_attn,attn.c_proj'):
     """Freeze every parameter of the GPT `model` and put a LoRALinear in place of each target
     Linear of each block, in place. Afterwards model.parameters() that require grad are exactly
-    the adapters."""
+    the adapters. A rank above min(in, out) of a target is refused: B A of that rank is already
+    any (out, in) update, so more rank adapts nothing more, at more cost."""
+    targets = list(linears(model, parse_targets(targets)))
+    full = min(min(getattr(m, a).in_features, getattr(m, a).out_features) for m, a in targets)
+    if rank > full:
+        raise UserError(f"lora_rank {rank} is more than {full}, the smaller side of the matrices "
+                        f"it adapts: rank {full} already allows any update; give lora_rank <= "
+                        f"{full} (or lora_rank=0 to train every weight)")
     for p in model.parameters():
         p.requires_grad_(False)
-    for module, attr in linears(model, parse_targets(targets)):
+    for module, attr in targets:
         setattr(module, attr, LoRALinear(getattr(module, attr), rank, alpha, dropout))
     return model
 

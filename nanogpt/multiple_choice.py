@@ -39,7 +39,7 @@ def load_items(path):
         if (not isinstance(item.get('context'), str) or not item['context'].strip()
                 or not isinstance(endings, list) or len(endings) < 2
                 or not all(isinstance(e, str) and e for e in endings)
-                or not isinstance(label, int) or not 0 <= label < len(endings)):
+                or type(label) is not int or not 0 <= label < len(endings)):  # true: a bool
             raise UserError(f"{path}:{line_no}: an item needs a non-empty 'context', a list "
                             "of two or more non-empty 'endings' and an int 'label' indexing "
                             "them")

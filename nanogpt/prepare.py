@@ -39,10 +39,18 @@ def read_text(path, url=None, default_path=None):
 
 
 def read_jsonl(path):
-    """(line number, object) for each non-blank line of a JSONL file; a line that is not JSON is a
-    UserError naming it."""
-    with open(path, encoding='utf-8') as f:
-        for n, line in enumerate(f, 1):
+    """(line number, object) for each non-blank line of a JSONL file, the one reader of every
+    script's JSONL input; a line that is not UTF-8 or not JSON is a UserError naming it."""
+    if not os.path.isfile(path):
+        raise UserError(f"input file {path} not found")
+    with open(path, 'rb') as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode('utf-8')
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at "
+                                f"column {e.start + 1}): convert it, e.g. iconv -f latin1 -t "
+                                "utf-8") from None
             if line.strip():
                 try:
                     yield n, json.loads(line)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from configurator import cli
 from nanogpt.checkpoint import load_model
+from nanogpt.errors import UserError
 from nanogpt.hf import export_hf
 
 
@@ -29,14 +30,32 @@ class ExportConfig:
     out_dir: str = 'out'  # the training run's folder
     ckpt: str = 'best.pt'  # which one in out_dir: best.pt (lowest val loss) or ckpt.pt (latest)
     hf_dir: str = ''  # where to write the Hugging Face folder; '' = out_dir/hf
+    overwrite: bool = False  # replace the files of a folder that is not empty (an older export)
+
+
+def folder(cfg):
+    return cfg.hf_dir or os.path.join(cfg.out_dir, 'hf')
+
+
+def check_config(cfg):
+    """Refuse a folder that is not empty, as train.py refuses an out_dir holding a run."""
+    hf_dir = folder(cfg)
+    if os.path.isdir(hf_dir) and os.listdir(hf_dir) and not cfg.overwrite:
+        raise UserError(f"{hf_dir} is not empty (an earlier export?): give another --hf_dir, or "
+                        "replace its files with --overwrite=True")
 
 
 def main(cfg):
+    check_config(cfg)
+    hf_dir = folder(cfg)
     model, tokenizer, ckpt = load_model('resume', cfg.out_dir, cfg.ckpt)
     # recorded in config.json, as trained
     model.config.dropout = ckpt['model_args'].get('dropout', 0.0)
-    hf_dir = cfg.hf_dir or os.path.join(cfg.out_dir, 'hf')
-    export_hf(model, hf_dir, tokenizer)
+    try:
+        export_hf(model, hf_dir, tokenizer)
+    except OSError as e:  # a folder that cannot be made or written, a full disk
+        raise UserError(f"could not write {hf_dir} ({e.strerror or e}): give --hf_dir a "
+                        "folder you can write") from None
     print(f"wrote {hf_dir}: {model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, "
           f"vocabulary {ckpt['vocab']['kind']}; "
           f"load it with transformers' pipeline('text-generation', model='{hf_dir}')")

@@ -183,10 +183,17 @@ def test_a_batch_counts_exactly_the_targets_that_are_assistant_tokens(chat_data)
     ('{"messages": [{"role": "robot", "content": "hi"}]}', "message 0 has role 'robot'"),
     ('{"messages": []}', 'the conversation is empty'),
     ('{"messages": [{"role": "user", "content": "hi"}]}', 'no assistant message'),
-    ('{"text": "hi"}', "expected an object with 'messages'")])
+    ('{"text": "hi"}', "expected an object with 'messages'"),
+    # issue 29: what teaches nothing or the wrong thing, and a line that is not UTF-8
+    ('{"messages": [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "hi"},'
+     ' {"role": "assistant", "content": "Yes."}]}', 'an assistant message comes before any user'),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}',
+     'no assistant message with text'),
+    (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', 'not UTF-8 text (byte 0xe9')])
 def test_prepare_refuses_a_bad_line_naming_it(tmp_path, gpt2_bpe, line, why):
     good = json.dumps({'messages': EDGE_CASES[0]})
-    (tmp_path / 'in.jsonl').write_text(good + '\n' + line + '\n')
+    line = line if isinstance(line, bytes) else line.encode()
+    (tmp_path / 'in.jsonl').write_bytes(good.encode() + b'\n' + line + b'\n')
     r = run_script('data/chat/prepare.py', '--input', str(tmp_path / 'in.jsonl'),
                    '--out_dir', str(tmp_path))
     assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr

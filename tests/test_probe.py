@@ -1,5 +1,5 @@
-"""Trust, round two: each case an adversarial probe broke or found weak, in its shortest form. A bad
-input ends in one line that says what to do, and loses nothing."""
+"""Trust, rounds two and three: each case an adversarial probe broke or found weak, in its shortest
+form. A bad input ends in one line that says what to do, and loses nothing."""
 
 import json
 import math
@@ -16,7 +16,7 @@ import eval as eval_script
 import sample
 import train
 from configurator import load_config
-from conftest import dir_snapshot, fails, tiny_train_config, train_args
+from conftest import dir_snapshot, fails, flags, tiny_train_config, train_args
 from nanogpt import dataset
 from nanogpt.checkpoint import load_checkpoint, save_checkpoint
 from nanogpt.errors import UserError
@@ -279,3 +279,41 @@ def test_a_signal_during_an_evaluation_stops_within_one_batch(out_dir, char_data
     assert load_checkpoint(out_dir / 'ckpt.pt')['iter_num'] == 15  # the step is saved
     assert load_checkpoint(out_dir / 'best.pt')['iter_num'] == 10  # no unfinished evaluation
 
+
+
+# --------------------------------------------------------------------------------------------------
+# round three (issue 29): input files, exports, knobs (the server's cases are in test_serve.py)
+
+
+@pytest.mark.parametrize('line, message', [
+    (b'{"context": "The \xff", "endings": [" a", " b"], "label": 0}', 'bad.jsonl:1: not UTF-8 '
+                                                                      'text (byte 0xff at column'),
+    (b'{"context": "The", "endings": ["a", "b"], "label": true}', "bad.jsonl:1: an item needs"),
+])
+def test_a_multiple_choice_line_that_is_not_utf8_or_has_a_bool_label_is_one_line(
+        out_dir, tmp_path, capsys, line, message):
+    (tmp_path / 'bad.jsonl').write_bytes(line + b'\n')
+    args = [f'--out_dir={out_dir}', '--device=cpu', f'--mc_file={tmp_path}/bad.jsonl']
+    assert message in fails(eval_script, eval_script.EvalConfig, args, out_dir, capsys)
+
+
+def test_a_lora_rank_above_the_models_width_is_refused_before_anything_is_written(
+        out_dir, char_data, tmp_path, capsys):
+    cfg = tiny_train_config(tmp_path / 'lora', char_data, init_from=str(out_dir),
+                            lora_rank=100000)  # a 32-wide model
+    err = fails(train, train.TrainConfig, flags(cfg), out_dir, capsys)
+    assert 'lora_rank 100000 is more than 32, the smaller side of the matrices it adapts' in err
+    assert not os.path.exists(tmp_path / 'lora')
+
+
+def test_an_export_into_a_folder_it_cannot_write_or_an_earlier_export_is_refused(out_dir,
+                                                                                 capsys):
+    pytest.importorskip('safetensors', reason='pip install safetensors')
+    from scripts import export_hf
+    args = [f'--out_dir={out_dir}', '--hf_dir=/proc/nope/hf']
+    err = fails(export_hf, export_hf.ExportConfig, args, out_dir, capsys)
+    assert 'could not write /proc/nope/hf (No such file or directory)' in err
+    export_hf.main(export_hf.ExportConfig(out_dir=str(out_dir)))  # into out_dir/hf
+    err = fails(export_hf, export_hf.ExportConfig, [f'--out_dir={out_dir}'], out_dir, capsys)
+    assert 'hf is not empty (an earlier export?)' in err and '--overwrite=True' in err
+    export_hf.main(export_hf.ExportConfig(out_dir=str(out_dir), overwrite=True))

@@ -2,7 +2,9 @@
 without changing their text, and serve.py answers OpenAI's clients (the real `openai` package, a
 real browser) with sample.py's text and the model's own log-probabilities."""
 
+import json
 import os
+import socket
 import threading
 import time
 
@@ -302,3 +304,147 @@ def test_the_chat_template_is_one_role_line_per_message():
     assert chat_prompt(msgs) == ('System: Be brief.\nUser: Hi\nAssistant: Hello.\nUser: Bye\n'
                                  'Assistant:')
 
+
+
+# ---- the server's edges (issues 25 and 29), in this process: a tiny random model, faults injected
+
+@pytest.fixture
+def tiny_server():
+    """serve.py's app for a tiny random model (tiny Shakespeare's 65 characters), served from this
+    process on a free port of 127.0.0.1 with its engine's thread; yields (url, engine) and stops
+    both."""
+    pytest.importorskip('fastapi', reason='pip install fastapi uvicorn')
+    import string
+
+    import uvicorn
+
+    import serve
+    chars = "\n !$&',-.3:;?" + string.ascii_uppercase + string.ascii_lowercase
+    tokenizer = Tokenizer({'kind': 'char', 'chars': chars})
+    model = tiny_gpt(weight_scale=3, block_size=64).eval()
+    engine = Engine(model, tokenizer, max_rows=4)
+    app = serve.create_app(serve.ServeConfig(max_tokens=5000), tokenizer, engine, 'tiny', 64)
+    sock = serve.listen('127.0.0.1', 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level='critical'))
+    threads = [threading.Thread(target=engine.run, daemon=True),
+               threading.Thread(target=server.run, kwargs={'sockets': [sock]}, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        yield f'http://127.0.0.1:{sock.getsockname()[1]}', engine
+    finally:
+        server.should_exit = True
+        engine.stop()
+        for t in threads:
+            t.join(10)
+        sock.close()
+
+
+def test_a_client_that_gives_up_on_a_collected_answer_frees_its_row(tiny_server, monkeypatch):
+    import httpx
+    url, engine = tiny_server
+    step = Engine.step
+    monkeypatch.setattr(Engine, 'step', lambda self: (time.sleep(0.005), step(self)))
+    body = {'model': 'tiny', 'prompt': 'A', 'max_tokens': 2000}  # ~10 s of steps
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + '/v1/completions', json=body, timeout=0.5)
+    t0 = time.perf_counter()
+    while engine.load() != (0, 0):
+        assert time.perf_counter() - t0 < 2, "the row is still decoding for nobody"
+        time.sleep(0.05)
+
+
+def test_a_failure_inside_generation_is_a_500_server_error_and_the_server_goes_on(tiny_server,
+                                                                                  monkeypatch):
+    import httpx
+    openai = pytest.importorskip('openai')
+    url, engine = tiny_server
+    client = openai.OpenAI(base_url=url + '/v1', api_key='none', max_retries=0)
+    from nanogpt import engine as engine_module
+    sample, steps, fail_at = engine_module.sample_next, [0], [1]
+
+    def failing_sample(*args, **kwargs):  # the fail_at-th step from now raises, once
+        steps[0] += 1
+        if steps[0] == fail_at[0]:
+            raise RuntimeError('boom')
+        return sample(*args, **kwargs)
+    monkeypatch.setattr(engine_module, 'sample_next', failing_sample)
+    for stream in (False, True):  # before anything was sent: the whole answer is the error
+        steps[0] = 0
+        r = httpx.post(url + '/v1/completions', timeout=10, json={
+            'model': 'tiny', 'prompt': 'A', 'max_tokens': 5, 'stream': stream})
+        assert r.status_code == 500 and r.json()['error'] == {
+            'message': 'generation failed: RuntimeError: boom', 'type': 'server_error',
+            'param': None, 'code': None}
+    steps[0], fail_at[0] = 0, 4  # mid-stream: the stream's last event, which the client raises
+    chunks = client.chat.completions.create(model='tiny', messages=[{'role': 'user',
+                                                                     'content': 'A'}],
+                                            max_tokens=50, temperature=0, stream=True)
+    with pytest.raises(openai.APIError, match='generation failed: RuntimeError: boom'):
+        for _ in chunks:
+            pass
+    r = client.completions.create(model='tiny', prompt='A', max_tokens=5)  # still serving
+    assert len(r.choices[0].text) == 5
+
+
+@pytest.mark.parametrize('path, body, message', [
+    ('/v1/chat/completions', {'messages': [{'role': 'user', 'content': [{'type': 'text',
+                                                                         'text': 5}]}]},
+     'messages.0.content.0.text: Input should be a valid string'),
+    ('/v1/completions', {'prompt': 'A', 'seed': 2**70}, 'seed: Input should be less than'),
+    ('/v1/completions', b'{"model": "tiny", "prompt": "\xff"}', 'send UTF-8 JSON'),
+    ('/v1/chat/completions', {'messages': [{'role': 'user', 'content': 'A'}],
+                              'stop': ['B', 'C', 'D', 'E', 'F']}, 'stop takes at most 4'),
+    ('/v1/nothing', {}, 'Not Found'),
+])
+def test_every_bad_request_is_one_openai_error_and_the_server_goes_on(tiny_server, path, body,
+                                                                      message):
+    import httpx
+    url, engine = tiny_server
+    content = body if isinstance(body, bytes) else json.dumps({'model': 'tiny', **body}).encode()
+    r = httpx.post(url + path, content=content, headers={'Content-Type': 'application/json'})
+    error = r.json()['error']
+    assert r.status_code in (400, 404) and error['type'] == 'invalid_request_error'
+    assert message in error['message']
+    r = httpx.post(url + '/v1/completions', json={'model': 'tiny', 'prompt': 'A', 'seed': -2**63})
+    assert r.status_code == 200
+
+
+def test_a_chat_on_a_base_model_takes_four_stop_strings_of_the_clients(tiny_server):
+    import httpx
+    url, _ = tiny_server
+    body = {'model': 'tiny', 'messages': [{'role': 'user', 'content': 'A'}], 'max_tokens': 40,
+            'temperature': 0}
+    full = httpx.post(url + '/v1/chat/completions', json=body).json()
+    text = full['choices'][0]['message']['content']
+    stops = [text[20:22], 'x', 'y', 'z']
+    r = httpx.post(url + '/v1/chat/completions', json={**body, 'stop': stops})
+    assert r.status_code == 200, r.text
+    assert r.json()['choices'][0] == {'index': 0, 'finish_reason': 'stop', 'message': {
+        'role': 'assistant', 'content': text[:text.find(stops[0])]}}
+
+
+@pytest.mark.parametrize('setting, message', [
+    (dict(max_rows=0), 'max_rows must be at least 1, got 0'),
+    (dict(max_n=0), 'max_n must be at least 1, got 0'),
+    (dict(max_tokens=-1), 'max_tokens must be at least 1, got -1'),
+    (dict(max_prompt_tokens=0), 'max_prompt_tokens must be at least 1, got 0'),
+    (dict(keep=0), 'keep must be at least 1, got 0'),
+    (dict(port=70000), 'port must be in 0..65535'),
+    (dict(port='busy'), 'cannot listen on 127.0.0.1:'),
+])
+def test_server_settings_that_cannot_serve_are_refused_before_a_model_loads(tmp_path, setting,
+                                                                            message):
+    pytest.importorskip('fastapi', reason='pip install fastapi uvicorn')
+    import serve
+    from nanogpt.errors import UserError
+    with socket.socket() as busy:
+        busy.bind(('127.0.0.1', 0))
+        busy.listen()
+        if setting.get('port') == 'busy':
+            setting = dict(port=busy.getsockname()[1])
+        cfg = serve.ServeConfig(out_dir=str(tmp_path / 'no-run'), device='cpu', **setting)
+        with pytest.raises(UserError, match=message):  # not "no checkpoint in ...": not loaded
+            serve.main(cfg)

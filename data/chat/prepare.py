@@ -32,7 +32,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import cli  # noqa: E402
-from nanogpt.chat_format import chat_vocab, render  # noqa: E402
+from nanogpt.chat_format import chat_vocab, check_training_conversation, render  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
 from nanogpt.prepare import download, read_jsonl, write_dataset  # noqa: E402
 from nanogpt.tokenizer import GPT2_VOCAB, Tokenizer  # noqa: E402
@@ -71,9 +71,9 @@ def read_conversations(path, tokenizer):
     conversations = []
     for n, record in read_jsonl(path):
         try:
-            ids, mask = render(tokenizer, messages_of(record))
-            if not any(mask):
-                raise UserError("no assistant message with content: nothing to learn from it")
+            messages = messages_of(record)
+            check_training_conversation(messages)
+            ids, mask = render(tokenizer, messages)
         except UserError as e:
             raise UserError(f"{path}:{n}: {e}") from None
         conversations.append((ids, mask))

@@ -24,8 +24,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from nanogpt.errors import UserError  # noqa: E402
-from nanogpt.prepare import download  # noqa: E402
+from nanogpt.prepare import download, read_jsonl  # noqa: E402
 
 URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,10 +59,7 @@ def main():
     path = args.input or os.path.join(HERE, 'hellaswag_val.jsonl')
     if args.input is None and not os.path.isfile(path):
         download(URL, path)
-    if not os.path.isfile(path):
-        raise UserError(f"input file {path} not found")
-    with open(path, encoding='utf-8') as f:
-        items = [convert(json.loads(line)) for line in f if line.strip()]
+    items = [convert(doc) for _, doc in read_jsonl(path)]
     tmp = args.out + '.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
         f.writelines(json.dumps(item, ensure_ascii=False) + '\n' for item in items)
