@@ -39,9 +39,10 @@ class ChatConfig:
     dtype: str = 'auto'  # 'auto': bf16 where decoding is faster in it, else float32
 
 
-def reply(model, tokenizer, ids, cfg, seed, device, out=sys.stdout):
+def reply(model, tokenizer, ids, cfg, seed, device, out=None):
     """Generate the assistant's message that the prompt ids ask for, printing it as it comes;
     returns it."""
+    out = out or sys.stdout  # looked up now: whatever sys.stdout is when the reply is printed
     x = torch.tensor([ids], device=device)  # (1, T)
     end, new, printed = stop_token(tokenizer), [], 0
     for token in generate_stream(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k,

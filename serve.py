@@ -9,7 +9,7 @@ lm-evaluation-harness's local-completions, chat front-ends, curl), and a playgro
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /.
 Requests are decoded together by engine.py (continuous batching): docs/serving.md has the API, the
-chat template, the design and the measurements. Needs `pip install fastapi uvicorn`.
+chat template, the design and the measurements. Needs `pip install -e .[serve]`.
 """
 
 import asyncio
@@ -39,7 +39,7 @@ try:
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException
 except ImportError:
-    raise SystemExit("serve.py needs FastAPI and uvicorn: pip install fastapi uvicorn") from None
+    raise SystemExit("serve.py needs FastAPI and uvicorn: pip install -e .[serve]") from None
 
 PLAYGROUND = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'nanogpt', 'playground.html')
 

@@ -49,7 +49,7 @@ def free_port():
 def serving(out_dir, *args):
     """serve.py for the run in out_dir on a free port of 127.0.0.1, started as a user would; yields
     its URL once /health answers, and stops it on the way out."""
-    pytest.importorskip('fastapi', reason='pip install fastapi uvicorn')
+    pytest.importorskip('fastapi', reason='pip install -e .[serve]')
     httpx = pytest.importorskip('httpx')
     port = free_port()
     proc = subprocess.Popen([sys.executable, 'serve.py', f'--out_dir={out_dir}', f'--port={port}',

@@ -95,7 +95,7 @@ def test_export_without_biases_loads_in_transformers_and_computes_the_same(tmp_p
 
 def test_from_pretrained_says_what_to_install_and_which_names_exist(monkeypatch, hf_gpt2):
     monkeypatch.setitem(sys.modules, 'transformers', None)  # makes `import transformers` fail
-    with pytest.raises(UserError, match='pip install transformers'):
+    with pytest.raises(UserError, match=r'pip install -e \.\[hf\]'):  # the extra that has it
         from_pretrained(hf_gpt2[0])
     with pytest.raises(UserError, match="is neither one of gpt2, gpt2-medium, gpt2-large, gpt2-xl "
                                         "nor a folder"):

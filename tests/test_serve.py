@@ -313,7 +313,7 @@ def tiny_server():
     """serve.py's app for a tiny random model (tiny Shakespeare's 65 characters), served from this
     process on a free port of 127.0.0.1 with its engine's thread; yields (url, engine) and stops
     both."""
-    pytest.importorskip('fastapi', reason='pip install fastapi uvicorn')
+    pytest.importorskip('fastapi', reason='pip install -e .[serve]')
     import string
 
     import uvicorn
@@ -437,7 +437,7 @@ def test_a_chat_on_a_base_model_takes_four_stop_strings_of_the_clients(tiny_serv
 ])
 def test_server_settings_that_cannot_serve_are_refused_before_a_model_loads(tmp_path, setting,
                                                                             message):
-    pytest.importorskip('fastapi', reason='pip install fastapi uvicorn')
+    pytest.importorskip('fastapi', reason='pip install -e .[serve]')
     import serve
     from nanogpt.errors import UserError
     with socket.socket() as busy:
