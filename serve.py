@@ -25,7 +25,7 @@ from typing import Literal
 from configurator import cli
 from nanogpt import chat_format
 from nanogpt.checkpoint import load_model
-from nanogpt.device import setup
+from nanogpt.device import resolve_decode_compile, setup
 from nanogpt.engine import Engine, Row
 from nanogpt.errors import UserError
 from nanogpt.generation import check_keep
@@ -59,6 +59,9 @@ class ServeConfig:
     device: str = 'auto'
     # 'auto': sample.py's rule for a batch of max_rows rows (bf16 on GPUs, fp32 on most CPUs)
     dtype: str = 'auto'
+    # compile the engine's decode step (generation.compile_decode), once per bucket of rows at
+    # start (progress printed; requests wait for it); 'auto': yes, a server runs long
+    compile: bool | str = 'auto'
 
 
 # The chat template of a base model, which has no chat format of its own: the messages become plain
@@ -339,7 +342,8 @@ def main(cfg):
         raise UserError(f"max_prompt_tokens must be at least 1, got {cfg.max_prompt_tokens}")
     model_id = cfg.model_name or (os.path.basename(os.path.normpath(cfg.out_dir))
                                   if cfg.init_from == 'resume' else cfg.init_from)
-    engine = Engine(model, tokenizer, cfg.max_rows, dev.autocast, cfg.keep)
+    engine = Engine(model, tokenizer, cfg.max_rows, dev.autocast, cfg.keep,
+                    compile=resolve_decode_compile(cfg.compile))
     threading.Thread(target=engine.run, name='engine', daemon=True).start()
     app = create_app(cfg, model, tokenizer, engine, model_id)
     print(f"serving {model_id!r} on {dev.device} ({dev.dtype}) at http://{cfg.host}:{cfg.port}",

@@ -110,6 +110,23 @@ def resolve_compile(compile, device):
     return compile
 
 
+# decode steps from which compiling the decode step pays for itself: compiling takes ~10-20 s on a
+# 2-core CPU and saves ~2-3 ms a step there (docs/sampling.md), so short runs stay eager
+COMPILE_MIN_STEPS = 5000
+
+
+def resolve_decode_compile(compile, steps=None):
+    """Whether to compile the decode step (generation.compile_decode). 'auto': for a run of
+    `steps` decode steps (sample.py: max_new_tokens; chat.py: the session's replies add up, but
+    each is short), when steps >= COMPILE_MIN_STEPS; for a server (steps None), which decodes
+    until it is stopped, always."""
+    if compile == 'auto':
+        return steps is None or steps >= COMPILE_MIN_STEPS
+    if not isinstance(compile, bool):
+        raise UserError(f"compile must be True, False or 'auto', got {compile!r}")
+    return compile
+
+
 def autocast_context(device, dtype):
     """Mixed precision for the forward pass: weights stay fp32, matmuls run in dtype."""
     if dtype == 'float32':

@@ -68,3 +68,26 @@ def test_a_compiled_step_follows_the_model_it_is_given(step):
     for model in (a, b):
         assert torch.equal(generate(model, idx, 12, temperature=0.0, step=step),
                            generate(model, idx, 12, temperature=0.0))
+
+
+def test_auto_compiles_only_runs_long_enough_to_repay_it():
+    from nanogpt.device import COMPILE_MIN_STEPS, resolve_decode_compile
+    from nanogpt.errors import UserError
+    assert not resolve_decode_compile('auto', 500)  # the README's default sample: eager
+    assert resolve_decode_compile('auto', COMPILE_MIN_STEPS)
+    assert resolve_decode_compile('auto')  # a server
+    assert resolve_decode_compile(True, 1) and not resolve_decode_compile(False)
+    with pytest.raises(UserError, match="compile must be"):
+        resolve_decode_compile('yes', 10)
+
+
+def test_sample_py_with_compile_prints_the_eager_paths_text(trained_run, capsys):
+    # sample.py's compiled path end to end, in fp32: the checkpoint's greedy text, unchanged
+    from sample import SampleConfig
+    from sample import main as sample
+    cfg = dict(out_dir=str(trained_run), start='ROMEO:', num_samples=2, max_new_tokens=60,
+               temperature=0.0, device='cpu', dtype='float32')
+    eager = sample(SampleConfig(**cfg, compile=False))
+    compiled = sample(SampleConfig(**cfg, compile=True))
+    assert compiled == eager and len(eager[0]) > 50
+    assert 'compiled decode step' in capsys.readouterr().out
