@@ -270,3 +270,18 @@ def peak_flops(device, dtype='float32'):
         (a @ b).sum().item()  # .item() waits for the result
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
+
+
+def memory_bandwidth(device, mib=256):
+    """Bytes per second this machine's memory moves: the best of ten copies of a tensor of `mib`
+    MiB, larger than any cache, counting what is read and what is written. What a decode step, which
+    reads every weight once for all its rows, is bound by."""
+    a = torch.ones(mib * 2**20 // 4, device=device)
+    b = torch.empty_like(a)
+    best = float('inf')
+    for _ in range(10):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        b[-1].item()  # waits for the copy
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best

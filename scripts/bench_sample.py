@@ -6,6 +6,11 @@ cache, for a checkpoint or for a model shape with random weights.
     python scripts/bench_sample.py --out_dir=out-shakespeare-char-cpu --prompt_len=32 \
         --max_new_tokens=500
     python scripts/bench_sample.py --use_cache=on --dtypes=bfloat16,float32 --batch_size=8
+    python scripts/bench_sample.py --use_cache=on --batch_size=16 --max_new_tokens=500
+
+Each cached path is also timed with the decode step compiled (--compiled=False skips it), and
+printed beside the limit of this machine (weight bytes a step / measured memory bandwidth, FLOPs a
+step / measured matmul peak, the slower of the two).
 
 --mode=bf16: how much sampling in bf16 changes a checkpoint: its val loss under bf16 autocast
 against fp32, and how many greedy continuations of prompts taken from the val text agree
@@ -27,9 +32,15 @@ from configurator import cli
 from model import GPT, GPTConfig
 from nanogpt.checkpoint import load_model
 from nanogpt.dataset import estimate_loss, open_dataset
-from nanogpt.device import autocast_context, resolve_sample_dtype, setup
+from nanogpt.device import (
+    autocast_context,
+    memory_bandwidth,
+    peak_flops,
+    resolve_sample_dtype,
+    setup,
+)
 from nanogpt.errors import UserError
-from nanogpt.generation import generate
+from nanogpt.generation import compile_decode, generate
 
 
 @dataclass
@@ -51,6 +62,9 @@ class BenchSampleConfig:
     use_cache: str = 'both'  # 'on', 'off' or 'both'
     dtypes: str = 'auto,float32'  # of the cached path, comma-separated; 'auto': sample.py's default
     repeats: int = 3  # timed runs of each path, after a warm-up; the fastest is reported
+    # also time the cached paths with the decode step compiled (generation.compile_decode); the
+    # compile time (the warm-up) is printed
+    compiled: bool = True
     # bf16
     data_dir: str = ''  # the checkpoint's dataset folder (val.bin, meta.json); '' is data/<dataset>
     dataset: str = 'shakespeare_char'
@@ -64,17 +78,18 @@ class BenchSampleConfig:
     threads: int = 0  # CPU threads for PyTorch; 0 keeps its default (one per core)
 
 
-def path_name(use_cache, dtype):
-    return f"{'KV cache' if use_cache else 'no cache'}, {dtype}"
+def path_name(use_cache, dtype, compiled=False):
+    return f"{'KV cache' if use_cache else 'no cache'}, {dtype}{', compiled' if compiled else ''}"
 
 
-def time_generate(model, idx, cfg, device, use_cache, dtype, n):
+def time_generate(model, idx, cfg, device, use_cache, dtype, compiled, n):
     """Seconds of one run of generate for n new tokens, sampling at temperature 1, each row from its
     own random stream (as sample.py does)."""
     seeds = torch.arange(cfg.seed, cfg.seed + len(idx), device=device)
+    step = compile_decode(device.split(':')[0]) if compiled else None
     with torch.no_grad(), autocast_context(device, dtype):
         t0 = time.perf_counter()
-        out = generate(model, idx, n, use_cache=use_cache, seeds=seeds)
+        out = generate(model, idx, n, use_cache=use_cache, seeds=seeds, step=step)
         out[0, -1].item()  # waits for the device, so the clock is honest
         return time.perf_counter() - t0
 
@@ -95,11 +110,14 @@ def speed(cfg, model, device):
     g = torch.Generator().manual_seed(cfg.seed)
     idx = torch.randint(c.vocab_size, (cfg.batch_size, cfg.prompt_len), generator=g).to(device)
     # no cache: the classic loop, the baseline, in fp32
-    paths = [(use_cache, dtype) for use_cache in caches
-             for dtype in (dtypes if use_cache else ['float32'])]
+    paths = [(use_cache, dtype, compiled) for use_cache in caches
+             for dtype in (dtypes if use_cache else ['float32'])
+             for compiled in ([False, True] if use_cache and cfg.compiled else [False])]
     for path in paths:
-        # warm-up: allocate, pick kernels
-        time_generate(model, idx, cfg, device, *path, min(cfg.max_new_tokens, 10))
+        # warm-up: allocate, pick kernels, compile
+        dt = time_generate(model, idx, cfg, device, *path, min(cfg.max_new_tokens, 10))
+        if path[2]:
+            print(f"{path_name(*path)}: compiled in {dt:.1f} s (the warm-up)", flush=True)
     # the paths take turns, repeats times, and each keeps its fastest run:
     # a machine whose speed drifts (a shared host) then slows them alike,
     # rather than whichever happened to run in a slow minute
@@ -109,15 +127,39 @@ def speed(cfg, model, device):
             best[path] = min(best[path],
                              time_generate(model, idx, cfg, device, *path, cfg.max_new_tokens))
     results = {}
+    limit = limits(model, cfg.batch_size, device, dtypes)
     for path, dt in best.items():
         results[path] = cfg.batch_size * cfg.max_new_tokens / dt
-        print(f"{path_name(*path)}: {results[path]:.1f} tokens/s ({dt:.2f} s)")
-    base = results.get((False, 'float32'))  # the classic loop
-    for (use_cache, dtype), tps in results.items():
-        if base and (use_cache, dtype) != (False, 'float32'):
-            print(f"{path_name(use_cache, dtype)}: "
-                  f"{tps / base:.1f}x the tokens/s of no cache, float32")
+        gap = (f", {results[path] / limit[path[1]]:.0%} of the limit" if path[0] else '')
+        print(f"{path_name(*path)}: {results[path]:.1f} tokens/s ({dt:.2f} s){gap}")
+    base = results.get((False, 'float32', False))  # the classic loop
+    for path, tps in results.items():
+        if base and path != (False, 'float32', False):
+            print(f"{path_name(*path)}: {tps / base:.1f}x the tokens/s of no cache, float32")
     return results
+
+
+def limits(model, rows, device, dtypes):
+    """The fastest a cached decode step of `rows` rows could go on this machine, in tokens/s, per
+    dtype: bound by reading the weights (every matrix once per step, for all rows: bytes / the
+    measured memory bandwidth) or by arithmetic (2 FLOPs per weight and row, plus attention over a
+    full cache: FLOPs / the measured matmul peak), whichever is slower. Printed with its parts."""
+    c = model.config
+    # matrices a step multiplies by: every Linear (the head, tied or not); not the lookups
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    flops = rows * (2 * n + 4 * c.n_layer * c.n_embd * c.block_size)  # per step
+    bandwidth = memory_bandwidth(device)
+    out = {}
+    for dtype in dtypes:
+        nbytes = n * getattr(torch, dtype).itemsize
+        peak = peak_flops(device, dtype)
+        t_mem, t_flop = nbytes / bandwidth, flops / peak
+        out[dtype] = rows / max(t_mem, t_flop)
+        print(f"limit, {dtype}: {out[dtype]:,.0f} tokens/s for {rows} rows: "
+              f"{nbytes / 1e6:.1f} MB of weights a step / {bandwidth / 1e9:.1f} GB/s measured = "
+              f"{t_mem * 1e3:.3f} ms; {flops / 1e6:.1f} MFLOP a step / "
+              f"{peak / 1e9:.0f} GFLOP/s measured = {t_flop * 1e3:.3f} ms")
+    return out
 
 
 def bf16_check(cfg, model, vocab, device):
