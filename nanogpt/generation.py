@@ -38,7 +38,7 @@ class KVCache:
     place instead of growing tensors (torch.cat would copy the whole cache at every token)."""
 
     def __init__(self, model, batch_size, dtype=None):
-        cfg, w = model.config, model.lm_head.weight
+        cfg, w = model.config, model.transformer.wte.weight  # (not the head: it may be int8)
         # (B, nh, block_size, hs); dtype: the weights' unless given (see generate_stream)
         shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
         dtype = dtype or w.dtype
