@@ -168,7 +168,7 @@ def limits(model, rows, device, dtypes):
         t_mem, t_flop = nbytes / bandwidth, flops / peak
         out[dtype] = rows / max(t_mem, t_flop)
         print(f"limit, {dtype}: {out[dtype]:,.0f} tokens/s for {rows} rows: "
-              f"{nbytes / 1e6:.1f} MB of weights a step / {bandwidth / 1e9:.1f} GB/s measured = "
+              f"{nbytes / 1e6:.3g} MB of weights a step / {bandwidth / 1e9:.1f} GB/s measured = "
               f"{t_mem * 1e3:.3f} ms; {flops / 1e6:.1f} MFLOP a step / "
               f"{peak / 1e9:.0f} GFLOP/s measured = {t_flop * 1e3:.3f} ms")
     return out

@@ -3,6 +3,8 @@ what the eager step decodes: the same greedy tokens in fp32 over 500 tokens (wit
 cache along the way), the same sampled tokens for the same seeds, for GPT-2's blocks and the
 modern switches. Compiling takes seconds, so these are slow tests."""
 
+import re
+
 import pytest
 import torch
 
@@ -97,10 +99,13 @@ def test_bench_sample_times_the_compiled_step_beside_the_machines_limit(capsys):
     from scripts import bench_sample
     cfg = bench_sample.BenchSampleConfig(n_layer=2, n_head=2, n_embd=32, block_size=32,
                                          max_new_tokens=40, repeats=1, use_cache='on',
-                                         dtypes='float32', device='cpu')
+                                         dtypes='float32,int8', device='cpu')
     results = bench_sample.main(cfg)
-    assert set(results) == {(True, 'float32', False), (True, 'float32', True)}
+    assert set(results) == {(True, d, c) for d in ('float32', 'int8') for c in (False, True)}
     assert all(tps > 0 for tps in results.values())
     out = capsys.readouterr().out
     assert 'KV cache, float32, compiled: compiled in' in out
     assert 'limit, float32:' in out and 'GB/s measured' in out and '% of the limit' in out
+    # int8 reads a quarter of fp32's weight bytes
+    mb = dict(re.findall(r'limit, (\w+): .*?([\d.]+) MB of weights', out))
+    assert float(mb['int8']) * 4 == pytest.approx(float(mb["float32"]), rel=0.02)
