@@ -81,7 +81,8 @@ def main(cfg):
     check_keep(cfg.keep, model.config.block_size)
     model.to(device)
     decode = None  # the eager decode step
-    if cfg.use_cache and resolve_decode_compile(cfg.compile, cfg.max_new_tokens):
+    if cfg.use_cache and resolve_decode_compile(cfg.compile, device, dtype,
+                                                     cfg.max_new_tokens):
         print("compiling the decode step (once per run: tens of seconds on a CPU)...",
               file=sys.stderr, flush=True)
         decode = compile_decode(dev.type)

@@ -343,7 +343,7 @@ def main(cfg):
     model_id = cfg.model_name or (os.path.basename(os.path.normpath(cfg.out_dir))
                                   if cfg.init_from == 'resume' else cfg.init_from)
     engine = Engine(model, tokenizer, cfg.max_rows, dev.autocast, cfg.keep,
-                    compile=resolve_decode_compile(cfg.compile))
+                    compile=resolve_decode_compile(cfg.compile, dev.device, dev.dtype))
     threading.Thread(target=engine.run, name='engine', daemon=True).start()
     app = create_app(cfg, model, tokenizer, engine, model_id)
     print(f"serving {model_id!r} on {dev.device} ({dev.dtype}) at http://{cfg.host}:{cfg.port}",

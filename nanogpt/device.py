@@ -111,16 +111,19 @@ def resolve_compile(compile, device):
 
 
 # decode steps from which compiling the decode step pays for itself: compiling takes ~10-20 s on a
-# 2-core CPU and saves ~2-3 ms a step there (docs/sampling.md), so short runs stay eager
+# 2-core CPU and saves ~1-3 ms a step there (docs/sampling.md), so short runs stay eager
 COMPILE_MIN_STEPS = 5000
 
 
-def resolve_decode_compile(compile, steps=None):
+def resolve_decode_compile(compile, device, dtype, steps=None):
     """Whether to compile the decode step (generation.compile_decode). 'auto': for a run of
-    `steps` decode steps (sample.py: max_new_tokens; chat.py: the session's replies add up, but
-    each is short), when steps >= COMPILE_MIN_STEPS; for a server (steps None), which decodes
-    until it is stopped, always."""
+    `steps` decode steps (sample.py: max_new_tokens; chat.py: a reply's), when steps >=
+    COMPILE_MIN_STEPS; for a server (steps None), which decodes until it is stopped, always. But
+    not in bf16 on a CPU: there the compiled step was slower than the eager one in two of three
+    measurements (docs/sampling.md), while in fp32 and int8 it was faster in all."""
     if compile == 'auto':
+        if device.split(':')[0] == 'cpu' and dtype == 'bfloat16':
+            return False
         return steps is None or steps >= COMPILE_MIN_STEPS
     if not isinstance(compile, bool):
         raise UserError(f"compile must be True, False or 'auto', got {compile!r}")

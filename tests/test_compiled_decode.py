@@ -75,12 +75,14 @@ def test_a_compiled_step_follows_the_model_it_is_given(step):
 def test_auto_compiles_only_runs_long_enough_to_repay_it():
     from nanogpt.device import COMPILE_MIN_STEPS, resolve_decode_compile
     from nanogpt.errors import UserError
-    assert not resolve_decode_compile('auto', 500)  # the README's default sample: eager
-    assert resolve_decode_compile('auto', COMPILE_MIN_STEPS)
-    assert resolve_decode_compile('auto')  # a server
-    assert resolve_decode_compile(True, 1) and not resolve_decode_compile(False)
+    assert not resolve_decode_compile('auto', 'cpu', 'float32', 500)  # the README's default
+    assert resolve_decode_compile('auto', 'cpu', 'float32', COMPILE_MIN_STEPS)
+    assert resolve_decode_compile('auto', 'cuda:1', 'bfloat16')  # a server
+    assert not resolve_decode_compile('auto', 'cpu', 'bfloat16')  # slower compiled, measured
+    assert resolve_decode_compile(True, 'cpu', 'bfloat16', 1)
+    assert not resolve_decode_compile(False, 'cuda', 'float32')
     with pytest.raises(UserError, match="compile must be"):
-        resolve_decode_compile('yes', 10)
+        resolve_decode_compile('yes', 'cpu', 'float32', 10)
 
 
 def test_sample_py_with_compile_prints_the_eager_paths_text(trained_run, capsys):
