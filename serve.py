@@ -60,7 +60,7 @@ class ServeConfig:
     # 'auto': sample.py's rule for a batch of max_rows rows (bf16 on GPUs, fp32 on most CPUs)
     dtype: str = 'auto'
     # compile the engine's decode step (generation.compile_decode), once per bucket of rows at
-    # start (progress printed; requests wait for it); 'auto': yes, a server runs long
+    # start (progress printed; requests wait for it); 'auto': on CUDA (resolve_decode_compile)
     compile: bool | str = 'auto'
 
 

@@ -118,13 +118,16 @@ COMPILE_MIN_STEPS = 5000
 def resolve_decode_compile(compile, device, dtype, steps=None):
     """Whether to compile the decode step (generation.compile_decode). 'auto': for a run of
     `steps` decode steps (sample.py: max_new_tokens; chat.py: a reply's), when steps >=
-    COMPILE_MIN_STEPS; for a server (steps None), which decodes until it is stopped, always. But
-    not in bf16 on a CPU: there the compiled step was slower than the eager one in two of three
-    measurements (docs/sampling.md), while in fp32 and int8 it was faster in all."""
+    COMPILE_MIN_STEPS; for a server (steps None) on CUDA, where a step replays as one CUDA graph.
+    Not for a server on a CPU: compiling its buckets took ~100 s and 16 rows were no faster
+    (docs/serving.md); nor in bf16 on a CPU: there the compiled step was slower than the eager one
+    in two of three measurements (docs/sampling.md), while in fp32 and int8 it was faster in all."""
     if compile == 'auto':
         if device.split(':')[0] == 'cpu' and dtype == 'bfloat16':
             return False
-        return steps is None or steps >= COMPILE_MIN_STEPS
+        if steps is None:
+            return device.startswith('cuda')
+        return steps >= COMPILE_MIN_STEPS
     if not isinstance(compile, bool):
         raise UserError(f"compile must be True, False or 'auto', got {compile!r}")
     return compile

@@ -5,7 +5,7 @@ the clients (threads streaming /v1/completions with httpx), prints one Markdown 
 
     python scripts/bench_serve.py --out_dir=out-shakespeare-char
     python scripts/bench_serve.py --out_dir=out-bench --max_tokens=128 --clients=1,4,16
-    python scripts/bench_serve.py --out_dir=out-bench --compile=False  # the eager decode step
+    python scripts/bench_serve.py --out_dir=out-bench --compile=True  # the compiled decode step
 
 tokens/s counts every client's streamed tokens (one chunk each) over the wall time from the first
 request to the last token. The same sampling settings and seeds are used in every row.

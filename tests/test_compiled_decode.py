@@ -77,7 +77,8 @@ def test_auto_compiles_only_runs_long_enough_to_repay_it():
     from nanogpt.errors import UserError
     assert not resolve_decode_compile('auto', 'cpu', 'float32', 500)  # the README's default
     assert resolve_decode_compile('auto', 'cpu', 'float32', COMPILE_MIN_STEPS)
-    assert resolve_decode_compile('auto', 'cuda:1', 'bfloat16')  # a server
+    assert resolve_decode_compile('auto', 'cuda:1', 'bfloat16')  # a server on a GPU
+    assert not resolve_decode_compile('auto', 'cpu', 'float32')  # a server on a CPU
     assert not resolve_decode_compile('auto', 'cpu', 'bfloat16')  # slower compiled, measured
     assert resolve_decode_compile(True, 'cpu', 'bfloat16', 1)
     assert not resolve_decode_compile(False, 'cuda', 'float32')
