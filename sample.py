@@ -82,7 +82,7 @@ def main(cfg):
     model.to(device)
     decode = None  # the eager decode step
     if cfg.use_cache and resolve_decode_compile(cfg.compile, device, dtype,
-                                                     cfg.max_new_tokens):
+                                                     cfg.max_new_tokens, cfg.num_samples):
         print("compiling the decode step (once per run: tens of seconds on a CPU)...",
               file=sys.stderr, flush=True)
         decode = compile_decode(dev.type)

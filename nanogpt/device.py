@@ -115,15 +115,16 @@ def resolve_compile(compile, device):
 COMPILE_MIN_STEPS = 5000
 
 
-def resolve_decode_compile(compile, device, dtype, steps=None):
+def resolve_decode_compile(compile, device, dtype, steps=None, rows=1):
     """Whether to compile the decode step (generation.compile_decode). 'auto': for a run of
     `steps` decode steps (sample.py: max_new_tokens; chat.py: a reply's), when steps >=
     COMPILE_MIN_STEPS; for a server (steps None) on CUDA, where a step replays as one CUDA graph.
     Not for a server on a CPU: compiling its buckets took ~100 s and 16 rows were no faster
-    (docs/serving.md); nor in bf16 on a CPU: there the compiled step was slower than the eager one
-    in two of three measurements (docs/sampling.md), while in fp32 and int8 it was faster in all."""
+    (docs/serving.md); nor in bf16 on a CPU: the compiled step was slower than the eager one
+    in every measurement but one (docs/sampling.md); nor for more than 4 rows on a CPU (at 16
+    rows the compiled step was slower in every dtype)."""
     if compile == 'auto':
-        if device.split(':')[0] == 'cpu' and dtype == 'bfloat16':
+        if device.split(':')[0] == 'cpu' and (dtype == 'bfloat16' or rows > 4):
             return False
         if steps is None:
             return device.startswith('cuda')

@@ -80,6 +80,7 @@ def test_auto_compiles_only_runs_long_enough_to_repay_it():
     assert resolve_decode_compile('auto', 'cuda:1', 'bfloat16')  # a server on a GPU
     assert not resolve_decode_compile('auto', 'cpu', 'float32')  # a server on a CPU
     assert not resolve_decode_compile('auto', 'cpu', 'bfloat16')  # slower compiled, measured
+    assert not resolve_decode_compile('auto', 'cpu', 'float32', COMPILE_MIN_STEPS, rows=16)
     assert resolve_decode_compile(True, 'cpu', 'bfloat16', 1)
     assert not resolve_decode_compile(False, 'cuda', 'float32')
     with pytest.raises(UserError, match="compile must be"):
