@@ -20,9 +20,9 @@ import torch
 from configurator import cli
 from nanogpt.chat_format import has_chat_format, prompt, stop_token
 from nanogpt.checkpoint import load_model
-from nanogpt.device import setup
+from nanogpt.device import resolve_decode_compile, setup
 from nanogpt.errors import UserError
-from nanogpt.generation import check_sampling, generate_stream
+from nanogpt.generation import check_sampling, compile_decode, generate_stream
 
 
 @dataclass
@@ -37,16 +37,21 @@ class ChatConfig:
     seed: int = 1337  # reply n of a conversation draws from a random stream seeded with seed + n
     device: str = 'auto'
     dtype: str = 'auto'  # 'auto': bf16 where decoding is faster in it, else float32
+    # compile the decode step once for the session (generation.compile_decode: tens of seconds on a
+    # CPU before the first reply, then ~2x the tokens/s); 'auto': when max_new_tokens is
+    # device.COMPILE_MIN_STEPS or more
+    compile: bool | str = 'auto'
 
 
-def reply(model, tokenizer, ids, cfg, seed, device, out=None):
+def reply(model, tokenizer, ids, cfg, seed, device, out=None, step=None):
     """Generate the assistant's message that the prompt ids ask for, printing it as it comes;
-    returns it."""
+    returns it. step: a compiled decode step (generation.compile_decode) or None."""
     out = out or sys.stdout  # looked up now: whatever sys.stdout is when the reply is printed
     x = torch.tensor([ids], device=device)  # (1, T)
     end, new, printed = stop_token(tokenizer), [], 0
     for token in generate_stream(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                                 cfg.top_p, stop=end, seeds=torch.tensor([seed], device=device)):
+                                 cfg.top_p, stop=end, seeds=torch.tensor([seed], device=device),
+                                 step=step):
         if token.item() == end:
             break
         new.append(token.item())
@@ -71,6 +76,8 @@ def main(cfg):
         raise UserError(f"{os.path.join(cfg.out_dir, cfg.ckpt)} has no chat format (a base "
                         "model?): finetune it on conversations first, see docs/chat.md")
     model.to(dev.device)
+    step = (compile_decode(dev.type) if resolve_decode_compile(cfg.compile, dev.device, dev.dtype,
+                                                               cfg.max_new_tokens) else None)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
     opening = [{'role': 'system', 'content': cfg.system}] if cfg.system else []
@@ -96,7 +103,7 @@ def main(cfg):
             messages.pop()
             continue
         with torch.no_grad(), dev.autocast:
-            text = reply(model, tokenizer, ids, cfg, cfg.seed + n, dev.device)
+            text = reply(model, tokenizer, ids, cfg, cfg.seed + n, dev.device, step=step)
         messages.append({'role': 'assistant', 'content': text})
         n += 1
 

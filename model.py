@@ -241,7 +241,8 @@ class GPT(nn.Module):
         # positions continue after the cached ones: an int, or a (B,) tensor of each row's own
         t0 = 0 if cache is None else cache.pos
         per_row = torch.is_tensor(t0)
-        end = (int(t0.max()) if per_row else t0) + T
+        # (not in a compiled decode step: reading a position from the device would split its graph)
+        end = 0 if torch.compiler.is_compiling() else (int(t0.max()) if per_row else t0) + T
         if end > self.config.block_size:
             raise ValueError(f"sequence of length {end} is longer than "
                              f"block_size {self.config.block_size}")

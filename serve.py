@@ -26,7 +26,7 @@ from typing import Literal
 from configurator import cli
 from nanogpt import chat_format
 from nanogpt.checkpoint import load_model
-from nanogpt.device import setup
+from nanogpt.device import resolve_decode_compile, setup
 from nanogpt.engine import Engine, Row
 from nanogpt.errors import UserError
 from nanogpt.generation import check_keep
@@ -61,6 +61,9 @@ class ServeConfig:
     device: str = 'auto'
     # 'auto': sample.py's rule for a batch of max_rows rows (bf16 on GPUs, fp32 on most CPUs)
     dtype: str = 'auto'
+    # compile the engine's decode step (generation.compile_decode), once per bucket of rows at
+    # start (progress printed; requests wait for it); 'auto': on CUDA (resolve_decode_compile)
+    compile: bool | str = 'auto'
 
 
 def check_config(cfg):
@@ -463,7 +466,8 @@ def main(cfg):
     check_keep(cfg.keep, model.config.block_size)
     model_id = cfg.model_name or (os.path.basename(os.path.normpath(cfg.out_dir))
                                   if cfg.init_from == 'resume' else cfg.init_from)
-    engine = Engine(model, tokenizer, cfg.max_rows, dev.autocast, cfg.keep)
+    engine = Engine(model, tokenizer, cfg.max_rows, dev.autocast, cfg.keep,
+                    compile=resolve_decode_compile(cfg.compile, dev.device, dev.dtype))
     threading.Thread(target=engine.run, name='engine', daemon=True).start()
     app = create_app(cfg, tokenizer, engine, model_id, model.config.block_size)
     port = sock.getsockname()[1]

@@ -110,6 +110,30 @@ def resolve_compile(compile, device):
     return compile
 
 
+# decode steps from which compiling the decode step pays for itself: compiling takes ~10-20 s on a
+# 2-core CPU and saves ~1-3 ms a step there (docs/sampling.md), so short runs stay eager
+COMPILE_MIN_STEPS = 5000
+
+
+def resolve_decode_compile(compile, device, dtype, steps=None, rows=1):
+    """Whether to compile the decode step (generation.compile_decode). 'auto': for a run of
+    `steps` decode steps (sample.py: max_new_tokens; chat.py: a reply's), when steps >=
+    COMPILE_MIN_STEPS; for a server (steps None) on CUDA, where a step replays as one CUDA graph.
+    Not for a server on a CPU: compiling its buckets took ~100 s and 16 rows were no faster
+    (docs/serving.md); nor in bf16 on a CPU: the compiled step was slower than the eager one
+    in every measurement but one (docs/sampling.md); nor for more than 4 rows on a CPU (at 16
+    rows the compiled step was slower in every dtype)."""
+    if compile == 'auto':
+        if device.split(':')[0] == 'cpu' and (dtype == 'bfloat16' or rows > 4):
+            return False
+        if steps is None:
+            return device.startswith('cuda')
+        return steps >= COMPILE_MIN_STEPS
+    if not isinstance(compile, bool):
+        raise UserError(f"compile must be True, False or 'auto', got {compile!r}")
+    return compile
+
+
 def autocast_context(device, dtype):
     """Mixed precision for the forward pass: weights stay fp32, matmuls run in dtype."""
     if dtype == 'float32':
@@ -253,3 +277,18 @@ def peak_flops(device, dtype='float32'):
         (a @ b).sum().item()  # .item() waits for the result
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
+
+
+def memory_bandwidth(device, mib=256):
+    """Bytes per second this machine's memory moves: the best of ten copies of a tensor of `mib`
+    MiB, larger than any cache, counting what is read and what is written. What a decode step, which
+    reads every weight once for all its rows, is bound by."""
+    a = torch.ones(mib * 2**20 // 4, device=device)
+    b = torch.empty_like(a)
+    best = float('inf')
+    for _ in range(10):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        b[-1].item()  # waits for the copy
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best

@@ -8,10 +8,13 @@ its request arrives and leaving when it is done. serve.py runs an Engine in a th
 
 One step of the loop (Engine.step):
 1. rows whose client left are dropped; waiting rows join while there is room (max_rows);
-2. each new row's prompt, all but its last token, goes through the model into the row's own slot of
-   a RowKVCache (a prefill, one row at a time); a row whose slot is full is refilled the same way
-   with its last `keep` tokens, as generation.generate_stream does;
-3. one decode step for every row at once: each feeds its newest token at its own position;
+2. the new rows' prompts, all but their last token, go through the model together into the rows'
+   own slots of a RowKVCache (one batched prefill, padded at the end: a row's pads come after its
+   tokens, so causal attention keeps them out of its real positions, and its position is set back
+   to its own length); a row whose slot is full is refilled with its last `keep` tokens, as
+   generation.generate_stream does;
+3. one decode step for every row at once: each feeds its newest token at its own position (with
+   compile, generation.compile_decode's step, on the rows padded up to a bucket: 1, 4, 16, ...);
 4. each row samples its next token with its own temperature, top-k/p and random stream, its text
    is checked against its stop strings, and what is new is handed to its emit(); a finished row
    leaves, and the last row moves into its slot, so the rows in use are always slots 0..n-1 and a
@@ -21,6 +24,7 @@ that one batched call; its logits equal a whole-prompt prefill's to float roundi
 """
 
 import queue
+import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from nanogpt.generation import RowKVCache, check_keep, decode_precision, sample_next
+from nanogpt.generation import RowKVCache, check_keep, compile_decode, decode_precision, sample_next
 
 
 @dataclass(eq=False)
@@ -73,7 +77,7 @@ def held_back(text, stops):
 
 class Engine:
 
-    def __init__(self, model, tokenizer, max_rows=32, autocast=None, keep=None):
+    def __init__(self, model, tokenizer, max_rows=32, autocast=None, keep=None, compile=False):
         self.model, self.tokenizer, self.max_rows = model, tokenizer, max_rows
         self.block_size = model.config.block_size
         self.keep = check_keep(keep, self.block_size)
@@ -81,8 +85,13 @@ class Engine:
         self.autocast = autocast or nullcontext()  # reentered at every step
         with self.autocast:
             self.prefill_precision, cache_dtype = decode_precision(model.lm_head.weight.device.type)
-        self.cache = RowKVCache(model, max_rows, cache_dtype)
+        self.cache = RowKVCache(model, max_rows, cache_dtype, static=compile)
         self.device = model.lm_head.weight.device
+        # compile: a decode step for each bucket of rows (powers of 4, and max_rows), compiled by
+        # warm_up(); a step of n rows runs the smallest bucket >= n, padded with free slots
+        self.buckets = ([b for b in (4 ** i for i in range(8)) if b < max_rows] + [max_rows]
+                        if compile else [])
+        self.compiled = compile_decode(self.device.type) if compile else None
         self.waiting = queue.Queue()  # rows submitted, not yet in the batch; None stops run()
         self.active = []  # the rows in the batch: active[i] is in slot i of the cache
 
@@ -95,8 +104,29 @@ class Engine:
     def stop(self):
         self.waiting.put(None)
 
+    def warm_up(self, log=print):
+        """Compile the decode step of every bucket (when compile is on): tens of seconds on a CPU,
+        once, before the first request rather than in its first-token latency."""
+        for b in self.buckets:
+            t0 = time.perf_counter()
+            with torch.no_grad(), self.autocast:
+                self.decode(torch.zeros(b, 1, dtype=torch.long, device=self.device))
+            self.cache.reset()
+            log(f"compiled the decode step for {b} rows in {time.perf_counter() - t0:.1f} s")
+
+    def decode(self, x):
+        """Logits (n, vocab_size) of one decode step of rows 0..n-1, fed x (n, 1)."""
+        n = len(x)
+        if self.compiled is None:
+            return self.model(x, cache=self.cache.rows(0, n))[0][:, -1]
+        b = next(b for b in self.buckets if b >= n)
+        self.cache.pos[n:b] = 0  # free slots ride along at position 0 (their writes are unread)
+        x = torch.cat([x, x.new_zeros(b - n, 1)])
+        return self.compiled(self.model, self.cache.rows(0, b), x)[:n]
+
     def run(self):
         """Decode until stop(): block while there is nothing to do, else step."""
+        self.warm_up()
         while True:
             if not self.active:
                 row = self.waiting.get()  # sleep until a row arrives
@@ -121,26 +151,36 @@ class Engine:
             self.active[i] = self.active[last]
         self.active.pop()
 
-    def prefill(self, i, row):
-        """Put row's context but its last token into slot i: the prompt's last block_size tokens
-        for a new row, its last `keep` tokens for a full slot. Emits the echo when asked for."""
-        context = row.tokens[-(self.block_size if row.fresh else self.keep):]
-        self.cache.pos[i] = 0
-        if len(context) > 1:
-            x = torch.tensor([context[:-1]], device=self.device)  # (1, T - 1)
-            echo = row.fresh and row.echo
-            # targets only to get the logits of every position (the echo's), not just the last
-            y = torch.tensor([context[1:]], device=self.device) if echo else None
+    def prefill(self, start, rows):
+        """Put each row's context but its last token into its slot, start + its index: the
+        prompt's last block_size tokens for a new row, its last `keep` tokens for a full slot; one
+        forward for all, padded at the end to the longest. Emits the echoes asked for."""
+        contexts = [row.tokens[-(self.block_size if row.fresh else self.keep):] for row in rows]
+        lengths = [len(c) - 1 for c in contexts]
+        T = max(lengths)
+        cache = self.cache.rows(start, start + len(rows))
+        cache.pos.zero_()
+        echo = any(row.fresh and row.echo for row in rows)
+        if T > 0:
+            x = torch.tensor([c[:-1] + [0] * (T - n) for c, n in zip(contexts, lengths)],
+                             device=self.device)  # (rows, T)
+            # targets only to get the logits of every position (the echoes'), not just the last
+            y = (torch.tensor([c[1:] + [-1] * (T - n) for c, n in zip(contexts, lengths)],
+                              device=self.device) if echo else None)
             with self.prefill_precision:
-                logits, _ = self.model(x, targets=y, cache=self.cache.rows(i, i + 1))
-        if row.fresh and row.echo:
-            echo = [(row.tokens[0], None, None)]
-            if len(context) > 1:
-                logp = F.log_softmax(logits[0].float(), dim=-1)  # (T - 1, vocab_size)
-                for t, token in enumerate(context[1:]):
-                    echo.append((token, logp[t, token].item(), self.top(logp[t], row.logprobs)))
-            row.emit({'echo': echo, 'finish_reason': None})
-        row.fresh = False
+                logits, _ = self.model(x, targets=y, cache=cache)
+            # each row's own length: its pads' keys lie past its position, masked until overwritten
+            cache.pos.copy_(torch.tensor(lengths, device=self.device))
+        for b, (row, context) in enumerate(zip(rows, contexts)):
+            if row.fresh and row.echo:
+                echo = [(row.tokens[0], None, None)]
+                if len(context) > 1:
+                    logp = F.log_softmax(logits[b, :lengths[b]].float(), dim=-1)  # (T_b, vocab)
+                    for t, token in enumerate(context[1:]):
+                        echo.append((token, logp[t, token].item(),
+                                     self.top(logp[t], row.logprobs)))
+                row.emit({'echo': echo, 'finish_reason': None})
+            row.fresh = False
 
     @staticmethod
     def top(logp, k):
@@ -162,15 +202,18 @@ class Engine:
                 break
             if not row.cancelled:
                 self.active.append(row)
-        for i, row in enumerate(self.active):
-            if row.fresh or self.cache.pos[i] == self.block_size:
-                self.prefill(i, row)
+        # new rows joined at the end: slots first..n-1, prefilled together
+        first = next((i for i, row in enumerate(self.active) if row.fresh), len(self.active))
+        for i, row in enumerate(self.active[:first]):
+            if self.cache.pos[i] == self.block_size:  # a full slot: refill it
+                self.prefill(i, [row])
+        if first < len(self.active):
+            self.prefill(first, self.active[first:])
         n = len(self.active)
         if n == 0:
             return
         x = torch.tensor([[row.tokens[-1]] for row in self.active], device=self.device)  # (n, 1)
-        logits, _ = self.model(x, cache=self.cache.rows(0, n))
-        logits = logits[:, -1, :]  # (n, vocab_size)
+        logits = self.decode(x)  # (n, vocab_size)
 
         # sample: rows with the same settings together, each row on its own random stream
         seeds = torch.tensor([row.seed for row in self.active], device=self.device)

@@ -5,6 +5,7 @@ the reference this one is tested against.
 """
 
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 from torch.nn import functional as F
@@ -37,7 +38,7 @@ class KVCache:
     place instead of growing tensors (torch.cat would copy the whole cache at every token)."""
 
     def __init__(self, model, batch_size, dtype=None):
-        cfg, w = model.config, model.lm_head.weight
+        cfg, w = model.config, model.transformer.wte.weight  # (not the head: it may be int8)
         # (B, nh, block_size, hs); dtype: the weights' unless given (see generate_stream)
         shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
         dtype = dtype or w.dtype
@@ -46,6 +47,10 @@ class KVCache:
         # positions filled: the next token fed goes to position pos (GPT.forward advances it)
         self.pos = 0
         self.mask = None  # every row is at pos: attention's causal mask is all it needs
+
+    def reset(self):
+        """Empty the cache (for a prefill or a refill): nothing is cleared, positions restart."""
+        self.pos = 0
 
     def insert(self, layer, k, v):
         """Write one layer's keys and values (B, nh, T, hs) of positions pos..pos+T-1 and return all
@@ -63,17 +68,26 @@ class RowKVCache(KVCache):
     it row by row and advances it). A row's keys past its own position are left over from an
     earlier text; attention masks them out (self.mask, set for each forward by insert)."""
 
-    def __init__(self, model, batch_size, dtype=None):
+    def __init__(self, model, batch_size, dtype=None, static=False):
         super().__init__(model, batch_size, dtype)
         for buf in (*self.k, *self.v):
             buf.zero_()  # a masked key still enters q k^T, and a NaN there would survive the mask
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.k[0].device)
+        # static: every forward attends over all block_size keys through the mask, so a decode
+        # step has the same shapes at every position (what torch.compile and CUDA graphs need)
+        self.static = static
+        if static and self.pos.is_cuda:  # CUDA graphs replay on these addresses
+            for buf in (*self.k, *self.v, self.pos):
+                torch._dynamo.mark_static_address(buf)
+
+    def reset(self):
+        self.pos.zero_()  # in place: a compiled step holds on to this tensor
 
     def rows(self, start, stop):
         """The rows start..stop-1 as a cache of their own: views of these buffers, no copies."""
         view = object.__new__(RowKVCache)
         view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
-        view.pos, view.mask = self.pos[start:stop], None
+        view.pos, view.mask, view.static = self.pos[start:stop], None, self.static
         return view
 
     def move(self, src, dst):
@@ -92,17 +106,36 @@ class RowKVCache(KVCache):
         KVCache, and attention takes the same path as there."""
         B, nh, T, hs = k.size()
         pos = self.pos[:, None] + torch.arange(T, device=k.device)  # (B, T): the new positions
-        end = int(pos.max()) + 1
+        end = self.k[layer].size(2) if self.static else int(pos.max()) + 1
         rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
         # advanced indices on dims 0 and 2 put them first: (B, T, nh, hs)
         # (indexed writes do not cast as slices do: a decode step under autocast brings bf16)
         self.k[layer][rows, :, pos] = k.transpose(1, 2).to(self.k[layer].dtype)
         self.v[layer][rows, :, pos] = v.transpose(1, 2).to(self.v[layer].dtype)
         if layer == 0:
-            same = T == 1 and bool((self.pos == self.pos[0]).all())
+            same = not self.static and T == 1 and bool((self.pos == self.pos[0]).all())
             keys = torch.arange(end, device=k.device)
             self.mask = None if same else (keys[None, None, :] <= pos[:, :, None])[:, None]
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def decode_step(model, cache, idx):
+    """The logits (B, vocab_size) of the token after idx (B, 1), each row at its cache position."""
+    logits, _ = model(idx, cache=cache)
+    return logits[:, -1]
+
+
+def compile_decode(device_type):
+    """decode_step compiled for a static RowKVCache (gpt-fast's recipe): one graph per row
+    count, reused at every position (positions are a tensor, keys are always all block_size of
+    them behind a mask), so Inductor fuses a step's ~200 small ops into a few kernels, and on CUDA
+    the whole step replays as one CUDA graph (kernel launches gone too). freezing folds the weights
+    in as constants: autocast's bf16 copies are made once at compile time, not at every step, and
+    on CPUs oneDNN gets its weights prepacked. So a compiled step keeps the weights it was compiled
+    with: compile again after changing them. Compiling takes seconds to tens of seconds
+    (docs/sampling.md)."""
+    options = {'freezing': True, 'triton.cudagraphs': device_type == 'cuda'}
+    return torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
 
 
 def row_uniform(seeds, step):
@@ -174,7 +207,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
 
 @torch.no_grad()
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop=None,
-                    use_cache=True, keep=None, generator=None, seeds=None):
+                    use_cache=True, keep=None, generator=None, seeds=None, step=None):
     """Yield the next token of every row of the prompt idx (B, T), a (B,) tensor per step, for up to
     max_new_tokens steps. Call model.eval() first. Rows are sampled together as one batch.
 
@@ -196,6 +229,10 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     cached key was computed from a context reaching back before the window, so the logits would
     differ from a forward pass over the window; the refill keeps every step exact.
 
+    step: compile_decode's compiled decode step (with use_cache), or None for the eager one. The
+    cache is then a static RowKVCache; prefills and refills stay eager (one per block_size - keep
+    steps, and a shape of their own each).
+
     Dtypes, under autocast: decode_precision's rule.
     """
     B, T = idx.size()
@@ -208,19 +245,30 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
     seq[:, :T] = idx
     prefill, cache_dtype = decode_precision(idx.device.type)
-    cache = KVCache(model, B, cache_dtype) if use_cache else None
+    if not use_cache:
+        cache = None
+    elif step is None:
+        cache, step = KVCache(model, B, cache_dtype), partial(decode_step, model)
+    else:
+        cache = RowKVCache(model, B, cache_dtype, static=True)
+        step = partial(step, model)
+    x = torch.empty(B, 1, dtype=torch.long, device=idx.device)  # a decode step's input, in place
+    filled = 0  # positions in the cache
     for n in range(T, T + max_new_tokens):  # n tokens so far; sample the one at index n
         if cache is None:
-            logits, _ = model(seq[:, max(0, n - block_size):n])
-        elif cache.pos in (0, block_size):  # prefill the prompt, or refill a full cache
-            context = block_size if cache.pos == 0 else keep
-            cache.pos = 0
+            logits = model(seq[:, max(0, n - block_size):n])[0][:, -1]
+        elif filled in (0, block_size):  # prefill the prompt, or refill a full cache
+            context = seq[:, max(0, n - (block_size if filled == 0 else keep)):n]
+            cache.reset()
             with prefill:
-                logits, _ = model(seq[:, max(0, n - context):n], cache=cache)
+                logits = model(context, cache=cache)[0][:, -1]
+            filled = context.size(1)
         else:
             # only the newest token is new to the cache
-            logits, _ = model(seq[:, n - 1:n], cache=cache)
-        idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator, seeds,
+            x.copy_(seq[:, n - 1:n])
+            logits = step(cache, x)
+            filled += 1
+        idx_next = sample_next(logits, temperature, top_k, top_p, generator, seeds,
                                step=n)  # (B,)
         if stop is not None:
             # an ended row repeats its stop token

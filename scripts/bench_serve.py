@@ -5,6 +5,7 @@ the clients (threads streaming /v1/completions with httpx), prints one Markdown 
 
     python scripts/bench_serve.py --out_dir=out-shakespeare-char
     python scripts/bench_serve.py --out_dir=out-bench --max_tokens=128 --clients=1,4,16
+    python scripts/bench_serve.py --out_dir=out-bench --compile=True  # the compiled decode step
 
 tokens/s counts every client's streamed tokens (one chunk each) over the wall time from the first
 request to the last token. The same sampling settings and seeds are used in every row.
@@ -34,6 +35,7 @@ class BenchServeConfig:
     max_tokens: int = 128  # tokens each request generates (no stop: every request runs to it)
     device: str = 'cpu'
     dtype: str = 'float32'
+    compile: bool | str = 'auto'  # serve.py's: the compiled decode step (compiled before timing)
 
 
 def stream(httpx, url, body, out):
@@ -71,7 +73,8 @@ def main(cfg):
     url = f'http://127.0.0.1:{port}'
     server = subprocess.Popen([sys.executable, 'serve.py', f'--out_dir={cfg.out_dir}',
                                f'--ckpt={cfg.ckpt}', f'--port={port}', f'--device={cfg.device}',
-                               f'--dtype={cfg.dtype}', '--model_name=bench'], cwd=REPO)
+                               f'--dtype={cfg.dtype}', f'--compile={cfg.compile}',
+                               '--model_name=bench'], cwd=REPO)
     try:
         while True:
             try:

@@ -360,7 +360,7 @@ def test_sample_py_uses_the_chat_format_of_the_checkpoint(sft):
 
 @pytest.fixture(scope='module')
 def sft_server(sft):
-    with serving(sft, '--device=cpu', '--dtype=float32') as url:
+    with serving(sft, '--device=cpu', '--dtype=float32', '--compile=False') as url:
         yield url
 
 

@@ -109,7 +109,7 @@ def trained(tmp_path_factory, char_data):
 def server(trained):
     """serve.py on a free port of 127.0.0.1; stopped at the end of the module."""
     with serving(trained, '--device=cpu', '--dtype=float32', '--max_n=4', '--max_tokens=500',
-                 '--max_rows=8') as url:
+                 '--max_rows=8', '--compile=False') as url:
         yield url
 
 
