@@ -71,7 +71,7 @@ def train_bpe(texts, vocab_size, min_frequency=2):
     except ImportError:
         raise UserError("training a BPE needs Hugging Face tokenizers: pip install -e .[data] "
                         "(or pip install tokenizers)") from None
-    if vocab_size < 257 + 1:
+    if vocab_size < 258:
         raise UserError(f"vocab_size {vocab_size} is too small for a byte-level BPE: it needs "
                         f"256 byte tokens, {EOT} and at least one merge (--vocab_size=258 or more)")
     if vocab_size > 2**16:
@@ -128,12 +128,21 @@ class Tokenizer:
         elif spec['kind'] == 'bpe':
             import tiktoken
             tokens = [bytes([b]) for b in range(256)]
-            for a, b in spec['merges']:
-                tokens.append(tokens[a] + tokens[b])
-            # tiktoken encodes with any byte-level BPE given its ranks, as nanochat does
-            self.enc = tiktoken.Encoding('bpe', pat_str=spec['pattern'],
-                                         mergeable_ranks={t: i for i, t in enumerate(tokens)},
-                                         special_tokens={EOT: len(tokens)})
+            try:
+                for a, b in spec['merges']:
+                    if not 0 <= min(a, b) <= max(a, b) < len(tokens):
+                        raise ValueError(f"merge {len(tokens) - 256} joins tokens not made yet")
+                    tokens.append(tokens[a] + tokens[b])
+                ranks = {t: i for i, t in enumerate(tokens)}
+                if len(ranks) < len(tokens):
+                    raise ValueError("two merges make the same token")
+                # tiktoken encodes with any byte-level BPE given its ranks, as nanochat does
+                self.enc = tiktoken.Encoding('bpe', pat_str=spec['pattern'],
+                                             mergeable_ranks=ranks,
+                                             special_tokens={EOT: len(tokens)})
+            except (KeyError, TypeError, ValueError) as e:
+                raise UserError(f"the BPE vocabulary is malformed ({type(e).__name__}: {e}): "
+                                "prepare the data again, or use another checkpoint") from None
             self.vocab_size = self.enc.n_vocab
             self.eot_token = self.enc.eot_token
         else:

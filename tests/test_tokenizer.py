@@ -209,11 +209,15 @@ def test_prepare_refuses_a_vocabulary_the_text_cannot_have_in_one_line(tmp_path,
     assert not os.path.exists(tmp_path / 'data')
 
 
-def test_training_a_bpe_names_the_extra_it_needs_and_refuses_empty_text(monkeypatch):
+def test_training_a_bpe_names_the_extra_it_needs_and_a_bad_spec_is_refused(monkeypatch):
     with pytest.raises(UserError, match='the input text is empty'):
         train_bpe(['', ' \n'], 512)
     with pytest.raises(UserError, match='does not fit uint16'):
         train_bpe(['hi'], 2**16 + 1)
+    good = train_bpe(['to be or not to be'], 259)
+    for merges in ([[0, 300]], [[116, 111], [116, 111]], [['t', 'o']]):
+        with pytest.raises(UserError, match='the BPE vocabulary is malformed'):
+            Tokenizer({**good, 'merges': merges})
     monkeypatch.setitem(sys.modules, 'tokenizers', None)  # as if not installed
     with pytest.raises(UserError, match=r'pip install -e \.\[data\]'):
         train_bpe(['hi'], 512)
