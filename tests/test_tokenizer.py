@@ -221,3 +221,21 @@ def test_training_a_bpe_names_the_extra_it_needs_and_a_bad_spec_is_refused(monke
     monkeypatch.setitem(sys.modules, 'tokenizers', None)  # as if not installed
     with pytest.raises(UserError, match=r'pip install -e \.\[data\]'):
         train_bpe(['hi'], 512)
+
+
+@pytest.mark.slow
+def test_the_comparison_script_measures_bits_per_byte_of_each_tokenizer(tmp_path):
+    from conftest import SHAKESPEARE
+    from scripts.compare_tokenizers import CompareConfig
+    from scripts.compare_tokenizers import main as compare
+    rows = compare(CompareConfig(input=SHAKESPEARE, work=str(tmp_path), tokenizers='char,300',
+                                 max_iters=2))
+    char, bpe = rows
+    assert (char['tokenizer'], char['vocab_size'], char['bytes_per_token']) == ('char', 65, 1.0)
+    assert bpe['vocab_size'] == 300 and 1.2 < bpe['bytes_per_token'] < 2
+    assert bpe['bytes_seen'] == pytest.approx(2 * 12 * 64 * bpe['bytes_per_token'])
+    for r in rows:  # two steps from the init: about ln(vocab) nats a token, spread over its bytes
+        assert abs(r['val_loss'] - math.log(r['vocab_size'])) < 1
+        assert r['val_bits_per_byte'] == pytest.approx(
+            r['val_loss'] / math.log(2) / r['bytes_per_token'], rel=0.05)
+    assert json.loads((tmp_path / 'results.json').read_text())['results'] == rows
