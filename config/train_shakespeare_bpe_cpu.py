@@ -1,5 +1,6 @@
 # The quick start's model and recipe on tiny Shakespeare in a BPE of its own (2048 tokens, ~3.1
-# bytes each): lower val bits per byte than characters after the same steps (docs/tokenizers.md).
+# bytes each): val 2.29 bits per byte after 2000 steps, against 2.70 for characters, at 1.5x the
+# step time (docs/tokenizers.md).
 # python data/shakespeare_bpe/prepare.py && python train.py config/train_shakespeare_bpe_cpu.py
 
 out_dir = 'out-shakespeare-bpe-cpu'

@@ -8,7 +8,7 @@ Tiny Shakespeare in a byte-level BPE of its own, learned from its train split (2
 Writes train.bin (first 90% of the text, the only part the BPE learns from) and val.bin (last 10%),
 uint16 ids, and meta.json with the vocabulary (its merges). Training the BPE needs Hugging Face
 tokenizers (pip install -e .[data]); everything that reads the data or a checkpoint needs only
-tiktoken. Real corpus, 2048 tokens: 1,115,394 bytes -> about 3.1 bytes per token.
+tiktoken. Real corpus, 2048 tokens: 1,115,394 bytes -> train 317,845 tokens, val 39,698.
 """
 
 import argparse
