@@ -3,6 +3,7 @@ it byte for byte, and its vocabulary travels everywhere: the prepared bins, a ch
 tokenizer and transformers' AutoTokenizer on the export give the same ids, and a model of it can be
 finetuned to chat."""
 
+import io
 import json
 import math
 import os
@@ -165,7 +166,8 @@ def test_a_model_of_its_own_bpe_samples_and_is_measured_in_bits_per_byte(bpe_run
 
 
 @pytest.mark.slow
-def test_sft_of_a_model_of_its_own_bpe_learns_the_chat_and_exports_it(bpe_run, tmp_path):
+def test_sft_of_a_model_of_its_own_bpe_learns_the_chat_and_exports_it(bpe_run, tmp_path,
+                                                                       monkeypatch):
     """The chat tokens go after its ids (512..515); SFT lowers the assistant loss, and chat turns
     read the same in transformers."""
     transformers = pytest.importorskip('transformers')
@@ -193,6 +195,11 @@ def test_sft_of_a_model_of_its_own_bpe_learns_the_chat_and_exports_it(bpe_run, t
     assert theirs(tok.decode(ids))['input_ids'] == ids  # the turn tokens are read as tokens
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / 'hf')
     assert hf.config.eos_token_id == tok.special[END]
+    import chat  # and chat.py talks to it
+    monkeypatch.setattr('sys.stdin', io.StringIO(question + '\n'))
+    said = chat.main(chat.ChatConfig(out_dir=str(tmp_path / 'sft'), device='cpu', max_new_tokens=8,
+                                     temperature=0))
+    assert [m['role'] for m in said] == ['user', 'assistant'] and said[0]['content'] == question
 
 
 @pytest.mark.parametrize('text, vocab_size, why', [
