@@ -212,8 +212,11 @@ def generate_continuations(model, prompts, cfg, device, ctx):
 # --------------------------------------------------------------------------------------------------
 
 def describe(vocab):
-    return (f"{len(vocab['chars'])} characters" if vocab['kind'] == 'char'
-            else f"BPE {vocab.get('encoding')}")
+    if vocab['kind'] == 'char':
+        return f"{len(vocab['chars'])} characters"
+    if vocab['kind'] == 'bpe':
+        return f"BPE of {len(vocab['merges']) + 257} tokens trained here"
+    return f"BPE {vocab.get('encoding')}"
 
 
 def write_json(obj, path):

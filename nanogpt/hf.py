@@ -12,6 +12,7 @@ import torch
 from model import GPT, MODERN_SWITCHES, GPTConfig
 from nanogpt.chat_format import END
 from nanogpt.errors import UserError
+from nanogpt.tokenizer import bytes_to_unicode
 
 # OpenAI's released GPT-2 checkpoints, as named on the Hugging Face hub (n_layer, n_head, n_embd):
 # 124M (12, 12, 768), 350M (24, 16, 1024), 774M (36, 20, 1280), 1558M (48, 25, 1600)
@@ -130,22 +131,6 @@ def export_hf(model, folder, tokenizer=None):
 # --------------------------------------------------------------------------------------------------
 # tokenizer files, so that an exported folder is all transformers (and lm-evaluation-harness) need
 
-def bytes_to_unicode():
-    """GPT-2's printable stand-in for each byte (from OpenAI's encoder.py): vocab.json and
-    merges.txt are text, so each byte of a token is written as one visible character. Printable
-    Latin-1 bytes stand for themselves; the other 68 map to code points 256 and up, in order."""
-    bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) \
-        + list(range(ord('®'), ord('ÿ') + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def bpe_merges(ranks):
     """The merges of a byte-level BPE, in order, recovered from its token ranks (tiktoken keeps
     only those): a token of rank r was made by the merge that BPE with the merges below r leaves
@@ -165,9 +150,11 @@ def bpe_merges(ranks):
 
 def write_tokenizer(tokenizer, folder, block_size):
     """The tokenizer files of a vocabulary (tokenizer.Tokenizer), read by transformers'
-    AutoTokenizer: GPT-2's vocab.json + merges.txt made from tiktoken's ranks, or for a character
-    vocabulary a tokenizer.json mapping each character to its id (no normalisation, no spaces added
-    or removed on decode). Both encode and decode exactly as `tokenizer` does."""
+    AutoTokenizer: GPT-2's vocab.json + merges.txt made from tiktoken's ranks; for a BPE trained
+    here a tokenizer.json of the same kind (its split pattern, then bytes, then merges), as
+    Llama 3's; for a character vocabulary a tokenizer.json mapping each character to its id (no
+    normalisation, no spaces added or removed on decode). All encode and decode exactly as
+    `tokenizer` does."""
     os.makedirs(folder, exist_ok=True)
     if tokenizer.spec['kind'] == 'tiktoken':
         if tokenizer.spec['encoding'] != 'r50k_base':
@@ -186,6 +173,27 @@ def write_tokenizer(tokenizer, folder, block_size):
         config = {'tokenizer_class': 'GPT2Tokenizer', 'bos_token': '<|endoftext|>',
                   'eos_token': '<|endoftext|>', 'unk_token': '<|endoftext|>',
                   'add_prefix_space': False}
+    elif tokenizer.spec['kind'] == 'bpe':
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+        ranks = tokenizer.enc._mergeable_ranks
+        b2u = bytes_to_unicode()
+        text = lambda b: ''.join(b2u[x] for x in b)  # noqa: E731
+        # ignore_merges: a piece that is a token is that token, as in tiktoken (which looks a piece
+        # up whole before merging its bytes)
+        tok = HFTokenizer(models.BPE({text(b): i for b, i in ranks.items()},
+                                     [(text(a), text(b)) for a, b in bpe_merges(ranks)],
+                                     ignore_merges=True))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(tokenizer.spec['pattern']), behavior='isolated'),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        # ids len(ranks).. in order, as ours: <|endoftext|>, then e.g. the chat format's
+        tok.add_special_tokens([AddedToken(s, special=True, normalized=False)
+                                for s in ['<|endoftext|>', *tokenizer.special]])
+        tok.save(os.path.join(folder, 'tokenizer.json'))
+        config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': '<|endoftext|>',
+                  'eos_token': '<|endoftext|>'}
     else:
         from tokenizers import Regex, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer

@@ -177,14 +177,28 @@ def file_sha256(path):
 
 
 def split_and_write(text, vocab, out_dir, val_fraction=0.1):
-    """Encode the first (1 - val_fraction) of the text as train, the rest as val, and write both."""
+    """Encode the first (1 - val_fraction) of the text as train, the rest as val, and write both.
+    vocab: a vocabulary spec, or a function of the train text that makes one (a BPE is learned
+    from train alone: val stays text the tokenizer never saw)."""
+    import time
+
     from nanogpt.tokenizer import Tokenizer
-    tok = Tokenizer(vocab)
     if not text.strip():
         raise UserError("the input text is empty: nothing to train on (the dataset in "
                         f"{out_dir} is left as it was)")
     cut = int(len(text) * (1 - val_fraction))
-    write_dataset(out_dir, tok.encode(text[:cut]), tok.encode(text[cut:]), vocab, tok.vocab_size)
+    train, val = text[:cut], text[cut:]
+    if callable(vocab):
+        t0 = time.perf_counter()
+        vocab = vocab(train)
+        print(f"learned the vocabulary from {len(train.encode('utf-8')):,} bytes of train text in "
+              f"{time.perf_counter() - t0:.2f} s")
+    tok = Tokenizer(vocab)
+    t0 = time.perf_counter()
+    train_ids, val_ids = tok.encode_corpus(train), tok.encode_corpus(val)
+    print(f"encoded {len(text.encode('utf-8')):,} bytes into {len(train_ids) + len(val_ids):,} "
+          f"tokens in {time.perf_counter() - t0:.2f} s")
+    write_dataset(out_dir, train_ids, val_ids, vocab, tok.vocab_size)
 
 
 def prepare_text_dataset(description, here, url, vocab_of):

@@ -28,7 +28,7 @@ COMMANDS = {
     'pip install torch': ('skip', INSTALL),
     'pip install -r requirements.txt': ('skip', INSTALL),
     'pip install -e .[serve]': ('skip', INSTALL),
-    'pip install pyarrow': ('skip', INSTALL),
+    'pip install -e .[data]': ('skip', INSTALL),
     'bash scripts/quickstart.sh --input input.txt': ('run', ''),  # its own copy: see below
     'bash scripts/test.sh': ('skip', SUITE),
     'python -m pytest -q tests': ('skip', SUITE),
@@ -81,6 +81,8 @@ COMMANDS = {
         ('skip', "needs out-shakespeare, a finetune of OpenAI's GPT-2"),
     'python data/text/prepare.py --input my_novel.txt': ('run', ''),
     'python data/text/prepare.py --input letters/ --tokenizer gpt2': ('run', ''),
+    'python data/text/prepare.py --input my_novel.txt --tokenizer bpe --vocab_size 2048':
+        ('run', ''),
     'python train.py config/train_shakespeare_char_cpu.py --dataset=my_novel '
     '--out_dir=out-my-novel': ('run', TRAIN),
     'python sample.py --out_dir=out-my-novel': ('run', SAMPLE),
