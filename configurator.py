@@ -103,7 +103,12 @@ def load_config(cls, args):
                 raise UserError(f"flag '{arg}' must be written --key=value")
             if key not in values:
                 raise _unknown_key(cls, key)
-            values[key] = _check_type(cls, key, _parse_flag_value(cls, key, text))
+            try:
+                values[key] = _check_type(cls, key, _parse_flag_value(cls, key, text))
+            except UserError:
+                if str not in _allowed_types(cls, key):
+                    raise
+                values[key] = text  # e.g. --clients=8 or --out_dir=2024 for a string key
     return cls(**values)
 
 

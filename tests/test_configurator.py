@@ -66,6 +66,12 @@ def test_string_value_may_contain_equals_sign():
     assert load_config(Cfg, ['--dataset=a=b']).dataset == 'a=b'
 
 
+def test_a_string_key_takes_a_value_that_reads_as_another_literal_as_its_text():
+    assert load_config(Cfg, ['--dataset=2024']).dataset == '2024'  # not int 2024
+    assert load_config(Cfg, ['--dataset=1,2']).dataset == '1,2'  # not the tuple (1, 2)
+    assert load_config(Cfg, ['--compile=False']).compile is False  # bool | str: a bool still
+
+
 @pytest.mark.parametrize('args, message', [
     (['--max_iter=5'], "unknown config key 'max_iter' (did you mean 'max_iters'?)"),
     (['--max_iters=5.5'], "config key 'max_iters' must be int, got float 5.5"),
