@@ -9,13 +9,16 @@ Each way runs in a fresh process, after the file's pages were dropped from this 
 figures go into docs/speed.md.
 """
 
-import argparse
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from configurator import cli
 
 
 def rss_mb():
@@ -39,26 +42,28 @@ def draw(path, batches, reopen, batch_size=12, block_size=1024):
           f"{start:.0f} -> {rss_mb():.0f} MB")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--size_gb', type=float, default=4.0)
-    parser.add_argument('--batches', type=int, default=20000)
-    parser.add_argument('--path', default='/tmp/bench_memmap.bin')
-    parser.add_argument('--child', choices=['open', 'reopen'])
-    args = parser.parse_args()
-    if args.child:
-        return draw(args.path, args.batches, args.child == 'reopen')
-    n = int(args.size_gb * 2**30) // 2
-    if not os.path.isfile(args.path) or os.path.getsize(args.path) != 2 * n:
-        print(f"writing {args.path} ({args.size_gb} GB of random token ids)")
+@dataclass
+class BenchMemmapConfig:
+    size_gb: float = 4.0  # of random token ids written to path (once)
+    batches: int = 20000
+    path: str = '/tmp/bench_memmap.bin'
+    child: str = ''  # 'open' or 'reopen': one of the two ways, in a child process
+
+
+def main(cfg):
+    if cfg.child:
+        return draw(cfg.path, cfg.batches, cfg.child == 'reopen')
+    n = int(cfg.size_gb * 2**30) // 2
+    if not os.path.isfile(cfg.path) or os.path.getsize(cfg.path) != 2 * n:
+        print(f"writing {cfg.path} ({cfg.size_gb} GB of random token ids)")
         rng = np.random.default_rng(0)
-        with open(args.path, 'wb') as f:
+        with open(cfg.path, 'wb') as f:
             for i in range(0, n, 2**26):
                 rng.integers(0, 50257, min(2**26, n - i), dtype=np.uint16).tofile(f)
     for child in ('open', 'reopen'):
-        subprocess.run([sys.executable, __file__, f'--child={child}', f'--path={args.path}',
-                        f'--batches={args.batches}'], check=True)
+        subprocess.run([sys.executable, __file__, f'--child={child}', f'--path={cfg.path}',
+                        f'--batches={cfg.batches}'], check=True)
 
 
 if __name__ == '__main__':
-    main()
+    cli(main, BenchMemmapConfig)

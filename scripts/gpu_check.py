@@ -4,7 +4,7 @@ minutes, with one summary table at the end (copy it into docs/gpu.md with the GP
 and the command).
 
     python scripts/gpu_check.py                      # on a machine with one CUDA GPU
-    python scripts/gpu_check.py --cpu                # the same steps, tiny, on the CPU (CI)
+    python scripts/gpu_check.py --cpu=True           # the same steps, tiny, on the CPU (CI)
 
 Each step runs the scripts a user runs, as a user runs them (a subprocess each), in a temporary
 folder: the baby GPT (config/train_shakespeare_char.py) in bf16 + torch.compile, fp16 with a
@@ -15,16 +15,17 @@ vocabulary, compiled). Tiny Shakespeare comes from data/shakespeare_char/input.t
 $NANOGPT_SHARED_DATA/tinyshakespeare/input.txt or --input.
 """
 
-import argparse
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from configurator import cli  # noqa: E402
 from nanogpt.run_dir import read_metrics  # noqa: E402
 
 # the baby GPT's steps on a GPU; on the CPU (--cpu) a tiny model, to check the plumbing only
@@ -68,21 +69,23 @@ def train_summary(out_dir):
     return f"{ms:.1f} ms/iter, {mfu}, val {vals[0]:.3f} -> {vals[-1]:.3f}", vals
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument('--cpu', action='store_true', help='a tiny dry run on the CPU (CI)')
-    parser.add_argument('--input', help='tiny Shakespeare input.txt (default: see the docstring)')
-    parser.add_argument('--work_dir', help='where runs go (default: a temporary folder)')
-    args = parser.parse_args()
-    p = CPU if args.cpu else GPU
+@dataclass
+class GpuCheckConfig:
+    cpu: bool = False  # True: a tiny dry run on the CPU (CI)
+    input: str = ''  # tiny Shakespeare input.txt ('': see the docstring)
+    work_dir: str = ''  # where runs go ('': a temporary folder)
+
+
+def main(cfg):
+    p = CPU if cfg.cpu else GPU
     shared = os.environ.get('NANOGPT_SHARED_DATA', os.path.join(REPO, '..', 'shared', 'data'))
-    candidates = [args.input, os.path.join(REPO, 'data', 'shakespeare_char', 'input.txt'),
+    candidates = [cfg.input, os.path.join(REPO, 'data', 'shakespeare_char', 'input.txt'),
                   os.path.join(shared, 'tinyshakespeare', 'input.txt')]
     text = next((c for c in candidates if c and os.path.isfile(c)), None)
     if text is None:
         sys.exit("error: no tiny Shakespeare: run `python data/shakespeare_char/prepare.py` "
                  "or pass --input")
-    work = args.work_dir or tempfile.mkdtemp(prefix='gpu_check_')
+    work = cfg.work_dir or tempfile.mkdtemp(prefix='gpu_check_')
     log = os.path.join(work, 'gpu_check.log')
     py = sys.executable
     data = os.path.join(work, 'data')
@@ -106,9 +109,9 @@ def main():
         check(name, ok, f"{figures}, {dt:.0f} s wall" if ok else figures)
         return ok
 
-    gpu_dtype = (lambda d: '--dtype=float32') if args.cpu else (lambda d: f'--dtype={d}')
+    gpu_dtype = (lambda d: '--dtype=float32') if cfg.cpu else (lambda d: f'--dtype={d}')
     train(f'baby GPT, bf16 + compile, {n} steps', 'bf16', gpu_dtype('bfloat16'),
-          *([] if args.cpu else ['--compile=True']))
+          *([] if cfg.cpu else ['--compile=True']))
     half = n // 2
     if train(f'fp16 + GradScaler, {half} steps', 'fp16', gpu_dtype('float16'),
              f'--max_iters={half}'):
@@ -118,7 +121,7 @@ def main():
     train(f'fp32 with TF32, {half} steps', 'fp32', '--dtype=float32', f'--max_iters={half}')
     torchrun = [py, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
                 *baby[1:]]
-    train(f'torchrun, 1 process ({"gloo" if args.cpu else "NCCL"})', 'ddp', gpu_dtype('bfloat16'),
+    train(f'torchrun, 1 process ({"gloo" if cfg.cpu else "NCCL"})', 'ddp', gpu_dtype('bfloat16'),
           f'--max_iters={half}', cmd=torchrun)
 
     ckpt_dir = os.path.join(work, 'bf16')
@@ -126,25 +129,25 @@ def main():
         ok, out, _ = run([py, 'scripts/bench_sample.py', f'--out_dir={ckpt_dir}', '--use_cache=on',
                           '--dtypes=bfloat16,float32', f'--batch_size={rows}', '--repeats=2',
                           f"--max_new_tokens={p['sample_tokens']}",
-                          *(['--device=cpu'] if args.cpu else [])], log)
+                          *(['--device=cpu'] if cfg.cpu else [])], log)
         # eager and compiled decode steps (CUDA graphs on a GPU), each in bf16 and fp32
         speeds = re.findall(r'KV cache, (\w+(?:, compiled)?): ([\d.]+) tokens/s', out)
         check(f'sampling, KV cache, {rows} row(s)', ok and len(speeds) == 4,
               ', '.join(f'{d} {float(s):,.0f} tok/s' for d, s in speeds))
     ok, out, _ = run([py, 'eval.py', f'--out_dir={ckpt_dir}', '--bleu_samples=4',
                       '--bleu_tokens=16',
-                      *(['--device=cpu', '--max_tokens=2000'] if args.cpu else [])], log)
+                      *(['--device=cpu', '--max_tokens=2000'] if cfg.cpu else [])], log)
     loss = re.search(r'loss \(nats/token\)\s+([\d.]+)', out)
     check('eval.py, whole val split', ok and loss is not None,
           f'val loss {loss.group(1)}' if loss else '')
     ok, out, _ = run([py, 'bench.py', *p['bench']], log)
     figures = re.search(r'median ([\d.]+) ms/iter.*?([\d,]+) tokens/s, MFU ([\d.]+)%', out)
-    name = ' (tiny on the CPU)' if args.cpu else ', padded vocab, compiled'
+    name = ' (tiny on the CPU)' if cfg.cpu else ', padded vocab, compiled'
     check(f'bench.py, GPT-2 124M shape{name}', ok and figures is not None,
           f'{figures.group(1)} ms/iter, {figures.group(2)} tok/s, MFU {figures.group(3)}%'
           if figures else '')
 
-    device = 'CPU (dry run)' if args.cpu else subprocess.run(
+    device = 'CPU (dry run)' if cfg.cpu else subprocess.run(
         [py, '-c', 'import torch; print(torch.cuda.get_device_name(), torch.__version__)'],
         capture_output=True, text=True).stdout.strip()
     print(f"\nGPU check on {device}, {time.strftime('%Y-%m-%d')}; full log: {log}\n")
@@ -155,4 +158,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    cli(main, GpuCheckConfig)

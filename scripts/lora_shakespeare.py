@@ -4,21 +4,21 @@ first half of tiny Shakespeare, then finetuned on the second half both ways; the
 their best val loss on the second half's held-out 10%, with the base model before finetuning.
 
     python scripts/lora_shakespeare.py  # tiny Shakespeare from data/shakespeare_char
-    python scripts/lora_shakespeare.py --input input.txt --work /tmp/lora_shakespeare
+    python scripts/lora_shakespeare.py --input=input.txt --work=/tmp/lora_shakespeare
 
 Both halves keep the whole text's character vocabulary, so the pretrained model reads either. Each
 run is train.main with the CPU recipe's model (config/train_shakespeare_char_cpu.py); the table
 goes into docs/finetuning.md.
 """
 
-import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from configurator import load_config  # noqa: E402
+from configurator import cli, load_config  # noqa: E402
 from nanogpt.checkpoint import load_checkpoint  # noqa: E402
 from nanogpt.prepare import read_text, split_and_write  # noqa: E402
 from nanogpt.tokenizer import char_vocab  # noqa: E402
@@ -47,29 +47,30 @@ def run(work, name, **flags):
     return out_dir, result, time.perf_counter() - t0
 
 
-def experiment():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument('--input', help='tiny Shakespeare (default: data/shakespeare_char, '
-                                        'downloaded by its prepare.py)')
-    parser.add_argument('--work', default='/tmp/lora_shakespeare', help='datasets and runs go here')
-    args = parser.parse_args()
-    text = read_text(args.input, None, os.path.join(REPO, 'data', 'shakespeare_char',
+@dataclass
+class LoraShakespeareConfig:
+    input: str = ''  # tiny Shakespeare ('': data/shakespeare_char's, downloaded by its prepare.py)
+    work: str = '/tmp/lora_shakespeare'  # datasets and runs go here
+
+
+def experiment(cfg):
+    text = read_text(cfg.input or None, None, os.path.join(REPO, 'data', 'shakespeare_char',
                                                      'input.txt'))
     vocab = char_vocab(text)  # the whole text's: both halves are read with it
     half = len(text) // 2
     for part, piece in (('first', text[:half]), ('second', text[half:])):
-        split_and_write(piece, vocab, os.path.join(args.work, f'{part}_half'))
+        split_and_write(piece, vocab, os.path.join(cfg.work, f'{part}_half'))
     data = dict(dataset='shakespeare_char')
-    base_dir, base, t = run(args.work, 'base', data_dir=os.path.join(args.work, 'first_half'),
+    base_dir, base, t = run(cfg.work, 'base', data_dir=os.path.join(cfg.work, 'first_half'),
                             **data)
     print(f"pretrained on the first half in {t:.0f} s: val loss {base['best_val_loss']:.4f}")
-    second = dict(data, data_dir=os.path.join(args.work, 'second_half'), init_from=base_dir,
+    second = dict(data, data_dir=os.path.join(cfg.work, 'second_half'), init_from=base_dir,
                   **FINETUNE)
     # the base model on the second half, unchanged: evaluated only
-    _, before, _ = run(args.work, 'before', **{**second, 'eval_only': True})
+    _, before, _ = run(cfg.work, 'before', **{**second, 'eval_only': True})
     rows = [('pretrained, not finetuned', before['losses']['val'], 0, '-')]
     for name, flags in RUNS.items():
-        out_dir, result, t = run(args.work, name, **second, **flags)
+        out_dir, result, t = run(cfg.work, name, **second, **flags)
         ckpt = load_checkpoint(os.path.join(out_dir, 'best.pt'))
         trainable = (sum(v.numel() for k, v in ckpt['model'].items() if '.lora_' in k)
                      if ckpt['lora'] else
@@ -84,4 +85,4 @@ def experiment():
 
 
 if __name__ == '__main__':
-    experiment()
+    cli(experiment, LoraShakespeareConfig)

@@ -300,7 +300,7 @@ def test_a_checkpoint_loads_without_a_random_init_and_keeps_its_tied_and_rotary_
 @pytest.mark.slow
 def test_the_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path, shakespeare_text):
     from conftest import SHAKESPEARE
-    r = run_script('scripts/gpu_check.py', '--cpu', f'--input={SHAKESPEARE}',
+    r = run_script('scripts/gpu_check.py', '--cpu=True', f'--input={SHAKESPEARE}',
                    f'--work_dir={tmp_path}', timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     table = [line for line in r.stdout.splitlines() if line.startswith('| ')][2:]
