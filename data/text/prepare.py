@@ -40,8 +40,11 @@ def read_documents(path):
         raise UserError(f"input {path} not found")
     docs = []
     if len(files) > 100:
-        from tqdm import tqdm
-        files = tqdm(files, desc='reading', unit='file')
+        try:
+            from tqdm import tqdm
+            files = tqdm(files, desc='reading', unit='file')
+        except ImportError:  # the core install has no tqdm: one line instead of a bar
+            print(f"reading {len(files)} files (pip install -e .[data] for a progress bar)")
     for f in files:
         text = read_text(f)
         if text.strip():
