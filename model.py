@@ -238,14 +238,13 @@ class GPT(nn.Module):
         """Logits (and the loss, given targets) of the tokens idx (B, T). With a KVCache, idx
         continues its tokens: T of them into an empty cache (a prefill), or one (a decode step)."""
         B, T = idx.size()
-        # positions continue after the cached ones: an int, or a (B,) tensor of each row's own
+        # positions continue after the cached ones: an int, or a (B,) tensor of each row's own (not
+        # checked in a compiled decode step: reading a position from the device splits its graph)
         t0 = 0 if cache is None else cache.pos
         per_row = torch.is_tensor(t0)
-        # (not in a compiled decode step: reading a position from the device would split its graph)
         end = 0 if torch.compiler.is_compiling() else (int(t0.max()) if per_row else t0) + T
         if end > self.config.block_size:
-            raise ValueError(f"sequence of length {end} is longer than "
-                             f"block_size {self.config.block_size}")
+            raise ValueError(f"{end} tokens: more than block_size {self.config.block_size}")
         if not per_row and t0 and T > 1:  # the causal mask of T new queries would not start at t0
             raise ValueError("only an empty KVCache takes several tokens at once")
         x = self.transformer.wte(idx)  # (B, T, n_embd)
