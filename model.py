@@ -169,6 +169,17 @@ class GPTConfig:
 MODERN_SWITCHES = ('rotary', 'rmsnorm', 'qk_norm', 'relu2', 'tie_weights')
 
 
+class SkipInit(torch.overrides.TorchFunctionMode):
+    """Random-init calls as no-ops, for a model whose tensors a state dict replaces: on the meta
+    device they do nothing anyway, but normal_'s meta kernel imports torch._dynamo, ~1 s of every
+    sample.py start (measured on a 2-core CPU, docs/sampling.md)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, '__module__', None) == 'torch.nn.init':  # normal_, kaiming_uniform_...
+            return args[0] if args else kwargs['tensor']
+        return func(*args, **(kwargs or {}))
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -208,7 +219,7 @@ class GPT(nn.Module):
         """The GPT of config holding state_dict's tensors as its own, without copying them or the
         random init they replace (built on the meta device first). adapt(model), if given, changes
         the model before loading (lora.apply_lora, for the state of a LoRA run)."""
-        with torch.device('meta'):
+        with torch.device('meta'), SkipInit():
             model = cls(config)
             if adapt:
                 adapt(model)

@@ -76,6 +76,18 @@ def test_sample_from_the_command_line_prints_what_main_returns(trained):
     assert r.stderr.count('\n') == 1
 
 
+def test_sampling_a_checkpoint_does_not_load_the_compiler(trained):
+    """torch._dynamo takes ~1 s to import; a model built on the meta device to receive a checkpoint
+    imported it through normal_'s meta kernel (model.SkipInit), in every sample.py start."""
+    out_dir, _ = trained
+    code = ("import sys, runpy; sys.argv = ['sample.py', '--out_dir=%s', '--max_new_tokens=3', "
+            "'--num_samples=1']; runpy.run_path('sample.py', run_name='__main__'); "
+            "print('dynamo imported:', 'torch._dynamo.convert_frame' in sys.modules)" % out_dir)
+    r = run_script('-c', code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip().endswith('dynamo imported: False')
+
+
 def test_one_sample_is_streamed_token_by_token_as_the_returned_text(trained, monkeypatch):
     out_dir, _ = trained
     pieces = []
