@@ -80,8 +80,11 @@ def listen(host, port):
     """A socket bound to host:port, taken before the model loads: a busy port or an unknown host
     is one line at start, not a traceback after a minute of loading."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, kind, proto, _, _ = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        # proto from getaddrinfo (IPPROTO_TCP, not 0): asyncio turns Nagle off (TCP_NODELAY) only
+        # on sockets that say so; with Nagle on, a streamed token waits up to 40 ms for the
+        # client's delayed ACK of the one before (the first token of every keep-alive request)
+        sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as e:  # also socket.gaierror (an unknown host)
