@@ -38,11 +38,11 @@ class BenchServeConfig:
     compile: bool | str = 'auto'  # serve.py's: the compiled decode step (compiled before timing)
 
 
-def stream(httpx, url, body, out):
+def stream(client, url, body, out):
     """One streaming request: out gets (seconds to first token, tokens, end time)."""
     t0 = time.perf_counter()
     first, n = None, 0
-    with httpx.stream('POST', url + '/v1/completions', json=body, timeout=600) as r:
+    with client.stream('POST', url + '/v1/completions', json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith('data: {'):
@@ -51,11 +51,11 @@ def stream(httpx, url, body, out):
     out.append((first, n, time.perf_counter()))
 
 
-def run(httpx, url, bodies, concurrent):
+def run(client, url, bodies, concurrent):
     """All bodies, `concurrent` at a time (1: one after another); (tokens/s, TTFTs)."""
     results, t0 = [], time.perf_counter()
     for start in range(0, len(bodies), concurrent):
-        threads = [threading.Thread(target=stream, args=(httpx, url, b, results))
+        threads = [threading.Thread(target=stream, args=(client, url, b, results))
                    for b in bodies[start:start + concurrent]]
         for t in threads:
             t.start()
@@ -75,10 +75,14 @@ def main(cfg):
                                f'--ckpt={cfg.ckpt}', f'--port={port}', f'--device={cfg.device}',
                                f'--dtype={cfg.dtype}', f'--compile={cfg.compile}',
                                '--model_name=bench'], cwd=REPO)
+    # one client for every thread, made before the clock starts: a new httpx.Client per request
+    # builds an SSL context (~20 ms of Python each), which for 16 threads sharing the GIL was most
+    # of the first-token latency this script measured before 2026-12-07 (docs/serving.md)
+    client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=None))
     try:
         while True:
             try:
-                if httpx.get(url + '/health').status_code == 200:
+                if client.get(url + '/health').status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
@@ -86,7 +90,7 @@ def main(cfg):
                 raise SystemExit("serve.py exited")
         bodies = [dict(model='bench', prompt=p, max_tokens=cfg.max_tokens, temperature=0.8,
                        seed=i, stream=True) for i, p in enumerate(PROMPTS)]
-        run(httpx, url, bodies[:2], 1)  # warm-up
+        run(client, url, bodies[:2], 1)  # warm-up
         print("| clients | requests | tokens/s | x one client | first token mean (s) "
               "| first token max (s) |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -96,11 +100,12 @@ def main(cfg):
                                             (f'{c} one after another', 1, bodies[:c])):
                 if c == 1 and concurrent == 1 and label.endswith('another'):
                     continue
-                tps, ttft = run(httpx, url, reqs, concurrent)
+                tps, ttft = run(client, url, reqs, concurrent)
                 base = base or tps
                 print(f"| {label} | {len(reqs)} | {tps:,.0f} | {tps / base:.1f} | "
                       f"{sum(ttft) / len(ttft):.3f} | {max(ttft):.3f} |", flush=True)
     finally:
+        client.close()
         server.terminate()
         server.wait(10)
 
