@@ -129,11 +129,11 @@ def compile_decode(device_type):
     """decode_step compiled for a static RowKVCache (gpt-fast's recipe): one graph per row
     count, reused at every position (positions are a tensor, keys are always all block_size of
     them behind a mask), so Inductor fuses a step's ~200 small ops into a few kernels, and on CUDA
-    the whole step replays as one CUDA graph (kernel launches gone too). freezing folds the weights
-    in as constants: autocast's bf16 copies are made once at compile time, not at every step, and
-    on CPUs oneDNN gets its weights prepacked. So a compiled step keeps the weights it was compiled
-    with: compile again after changing them. Compiling takes seconds to tens of seconds
-    (docs/sampling.md)."""
+    the whole step replays as one CUDA graph (kernel launches gone too). The freezing option does
+    not take effect in torch 2.13 (dynamo reads the global flag as it traces, pytorch#139272): the
+    weights stay inputs, and under autocast each is cast at every step (docs/sampling.md has what
+    real freezing measured). Compile again after changing the model anyway. Compiling takes
+    seconds to tens of seconds (docs/sampling.md)."""
     options = {'freezing': True, 'triton.cudagraphs': device_type == 'cuda'}
     return torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
 
