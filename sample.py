@@ -29,6 +29,7 @@ from nanogpt.checkpoint import load_model
 from nanogpt.device import resolve_decode_compile, setup
 from nanogpt.errors import UserError
 from nanogpt.generation import check_keep, check_sampling, compile_decode, generate_stream
+from nanogpt.quantize import quantize_int8
 
 
 @dataclass
@@ -56,9 +57,12 @@ class SampleConfig:
     device: str = 'auto'
     # 'auto': bf16 where decoding is faster in it (device.resolve_sample_dtype), else float32
     dtype: str = 'auto'
-    # compile the decode step (generation.compile_decode: ~2x the tokens/s of a step, after ~10-20 s
-    # of compiling on a CPU); 'auto': from device.COMPILE_MIN_STEPS new tokens on
+    # compile the decode step (generation.compile_decode: 1.4-2.7x the tokens/s at 1 row, after
+    # 10-40 s of compiling on a CPU); 'auto': from device.COMPILE_MIN_STEPS new tokens on
     compile: bool | str = 'auto'
+    # weight-only int8 Linears (nanogpt/quantize.py), CPU only: a quarter of fp32's bytes a step;
+    # the fastest at a few rows, compiled, but greedy text drifts from fp32's (docs/sampling.md)
+    int8: bool = False
 
 
 def cut_at_stop(text, stop):
@@ -80,12 +84,17 @@ def main(cfg):
     model, tokenizer, _ = load_model(cfg.init_from, cfg.out_dir, cfg.ckpt)
     check_keep(cfg.keep, model.config.block_size)
     model.to(device)
+    if cfg.int8:
+        if dev.type != 'cpu':
+            raise UserError(f"int8 is for decoding on a CPU (aten._weight_int8pack_mm); on "
+                            f"{device} use --int8=False")
+        model = quantize_int8(model)
     decode = None  # the eager decode step
-    if cfg.use_cache and resolve_decode_compile(cfg.compile, device, dtype,
-                                                     cfg.max_new_tokens, cfg.num_samples):
+    if cfg.use_cache and resolve_decode_compile(cfg.compile, device, cfg.max_new_tokens,
+                                                cfg.num_samples):
         print("compiling the decode step (once per run: tens of seconds on a CPU)...",
               file=sys.stderr, flush=True)
-        decode = compile_decode(dev.type)
+        decode = compile_decode(model, dev.type)
 
     start = cfg.start
     if start.startswith('FILE:'):
@@ -162,7 +171,7 @@ def main(cfg):
             print(s)
             print('---------------')
     print(f"{n_tokens} tokens in {dt:.2f} s: {n_tokens / dt:,.1f} tokens/s on {device} ({dtype}"
-          f"{', KV cache' if cfg.use_cache else ', no cache'}"
+          f"{', int8 weights' if cfg.int8 else ''}{', KV cache' if cfg.use_cache else ', no cache'}"
           f"{', compiled decode step (compile time included)' if decode else ''})")
     return samples
 

@@ -470,7 +470,7 @@ def main(cfg):
     model_id = cfg.model_name or (os.path.basename(os.path.normpath(cfg.out_dir))
                                   if cfg.init_from == 'resume' else cfg.init_from)
     engine = Engine(model, tokenizer, cfg.max_rows, dev.autocast, cfg.keep,
-                    compile=resolve_decode_compile(cfg.compile, dev.device, dev.dtype))
+                    compile=resolve_decode_compile(cfg.compile, dev.device))
     threading.Thread(target=engine.run, name='engine', daemon=True).start()
     app = create_app(cfg, tokenizer, engine, model_id, model.config.block_size)
     port = sock.getsockname()[1]

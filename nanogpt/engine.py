@@ -91,7 +91,7 @@ class Engine:
         # warm_up(); a step of n rows runs the smallest bucket >= n, padded with free slots
         self.buckets = ([b for b in (4 ** i for i in range(8)) if b < max_rows] + [max_rows]
                         if compile else [])
-        self.compiled = compile_decode(self.device.type) if compile else None
+        self.compiled = compile_decode(model, self.device.type, sample=False) if compile else None
         self.waiting = queue.Queue()  # rows submitted, not yet in the batch; None stops run()
         self.active = []  # the rows in the batch: active[i] is in slot i of the cache
 
@@ -122,7 +122,7 @@ class Engine:
         b = next(b for b in self.buckets if b >= n)
         self.cache.pos[n:b] = 0  # free slots ride along at position 0 (their writes are unread)
         x = torch.cat([x, x.new_zeros(b - n, 1)])
-        return self.compiled(self.model, self.cache.rows(0, b), x)[:n]
+        return self.compiled(self.cache.rows(0, b), x)[:n]
 
     def run(self):
         """Decode until stop(): block while there is nothing to do, else step."""

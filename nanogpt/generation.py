@@ -4,8 +4,8 @@ loop that sample.py, eval.py and bench_sample.py call. model.GPT.generate is nan
 the reference this one is tested against.
 """
 
+import types
 from contextlib import nullcontext
-from functools import partial
 
 import torch
 from torch.nn import functional as F
@@ -120,22 +120,54 @@ class RowKVCache(KVCache):
 
 
 def decode_step(model, cache, idx):
-    """The logits (B, vocab_size) of the token after idx (B, 1), each row at its cache position."""
+    """The logits (B, vocab_size) of the token after idx (B, T), each row at its cache position."""
     logits, _ = model(idx, cache=cache)
     return logits[:, -1]
 
 
-def compile_decode(device_type):
-    """decode_step compiled for a static RowKVCache (gpt-fast's recipe): one graph per row
-    count, reused at every position (positions are a tensor, keys are always all block_size of
-    them behind a mask), so Inductor fuses a step's ~200 small ops into a few kernels, and on CUDA
-    the whole step replays as one CUDA graph (kernel launches gone too). The freezing option does
-    not take effect in torch 2.13 (dynamo reads the global flag as it traces, pytorch#139272): the
-    weights stay inputs, and under autocast each is cast at every step (docs/sampling.md has what
-    real freezing measured). Compile again after changing the model anyway. Compiling takes
-    seconds to tens of seconds (docs/sampling.md)."""
-    options = {'freezing': True, 'triton.cudagraphs': device_type == 'cuda'}
-    return torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
+def decode_token(model, cache, idx, seeds, step, temperature, top_k, top_p):
+    """The next token (B,) after idx (B, T): decode_step's logits through sample_next, drawing with
+    seeds (step: the token's index, a tensor, so that one graph serves every step)."""
+    return sample_next(decode_step(model, cache, idx), temperature, top_k, top_p, seeds=seeds,
+                       step=step)
+
+
+def compile_decode(model, device_type, sample=True):
+    """model's decode step compiled for a static RowKVCache (gpt-fast's recipe): one graph per
+    shape of its input, reused at every position (positions are a tensor, keys are always all
+    block_size of them behind a mask), so Inductor fuses a step's ~200 small ops into a few
+    kernels, and on CUDA the whole step replays as one CUDA graph (kernel launches gone too).
+    sample: the step is decode_token, step(cache, idx, seeds, step, temperature, top_k, top_p), the
+    sampler in the same graph (generate_stream); else decode_step, step(cache, idx) (the engine).
+
+    The step is this model's as it is now: on a CPU its weights are frozen into the graph as
+    constants (bf16 copies under autocast, so no step casts them) and multiplied by Inductor's own
+    C++ GEMM kernels, and the model is not checked at each call (dynamo's ~0.1 ms of guards).
+    Compile again after changing the model. Compiling takes seconds to tens of seconds
+    (docs/sampling.md)."""
+    fn = decode_token if sample else decode_step
+    # a code object of this step's own: dynamo keeps its graphs per code object, and with the
+    # model's guards skipped would give one model's graph to another
+    fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+    options = {'triton.cudagraphs': device_type == 'cuda',
+               'guard_filter_fn': torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    cpu = device_type == 'cpu'
+    if cpu:  # the C++ template as the only choice of matrix product: nothing to benchmark
+        options |= {'max_autotune': True, 'max_autotune_gemm_backends': 'CPP'}
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+
+    def step(*args):
+        if not cpu:  # (freezing on CUDA is not yet measured)
+            return compiled(model, *args)
+        # freezing is a global flag read as dynamo traces (options= does not reach it,
+        # pytorch#139272); imported here, as importing it takes a second (and imports dynamo)
+        import torch._inductor.config as inductor
+        frozen, inductor.freezing = inductor.freezing, True
+        try:
+            return compiled(model, *args)
+        finally:
+            inductor.freezing = frozen
+    return step
 
 
 def row_uniform(seeds, step):
@@ -229,9 +261,10 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     cached key was computed from a context reaching back before the window, so the logits would
     differ from a forward pass over the window; the refill keeps every step exact.
 
-    step: compile_decode's compiled decode step (with use_cache), or None for the eager one. The
-    cache is then a static RowKVCache; prefills and refills stay eager (one per block_size - keep
-    steps, and a shape of their own each).
+    step: compile_decode's compiled step (sample=True; with use_cache), or None for the eager one.
+    The cache is then a static RowKVCache, and the step samples too, with seeds (one graph for a
+    whole token); refills go through it as well (a graph of their own: always keep tokens), while
+    the prompt's prefill stays eager (a shape of its own).
 
     Dtypes, under autocast: decode_precision's rule.
     """
@@ -245,31 +278,42 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
     seq[:, :T] = idx
     prefill, cache_dtype = decode_precision(idx.device.type)
+
+    def sample(logits, n):
+        return sample_next(logits, temperature, top_k, top_p, generator, seeds, step=n)
     if not use_cache:
         cache = None
     elif step is None:
-        cache, step = KVCache(model, B, cache_dtype), partial(decode_step, model)
+        cache = KVCache(model, B, cache_dtype)
+
+        def token(x, n):  # the next token after x, fed to the cache
+            return sample(decode_step(model, cache, x), n)
     else:
+        if temperature and seeds is None:
+            raise ValueError("a compiled step samples with seeds (one random stream per row)")
         cache = RowKVCache(model, B, cache_dtype, static=True)
-        step = partial(step, model)
+        n_ = torch.zeros((), dtype=torch.long, device=idx.device)  # the token's index, in place
+
+        def token(x, n):
+            n_.fill_(n)
+            return step(cache, x, seeds, n_, temperature, top_k, top_p)
     x = torch.empty(B, 1, dtype=torch.long, device=idx.device)  # a decode step's input, in place
     filled = 0  # positions in the cache
     for n in range(T, T + max_new_tokens):  # n tokens so far; sample the one at index n
         if cache is None:
-            logits = model(seq[:, max(0, n - block_size):n])[0][:, -1]
+            idx_next = sample(model(seq[:, max(0, n - block_size):n])[0][:, -1], n)
         elif filled in (0, block_size):  # prefill the prompt, or refill a full cache
             context = seq[:, max(0, n - (block_size if filled == 0 else keep)):n]
             cache.reset()
             with prefill:
-                logits = model(context, cache=cache)[0][:, -1]
+                idx_next = token(context, n) if filled else sample(decode_step(model, cache,
+                                                                               context), n)
             filled = context.size(1)
         else:
             # only the newest token is new to the cache
             x.copy_(seq[:, n - 1:n])
-            logits = step(cache, x)
+            idx_next = token(x, n)  # (B,)
             filled += 1
-        idx_next = sample_next(logits, temperature, top_k, top_p, generator, seeds,
-                               step=n)  # (B,)
         if stop is not None:
             # an ended row repeats its stop token
             idx_next = torch.where(ended, seq[:, n - 1], idx_next)

@@ -88,11 +88,10 @@ def path_name(use_cache, dtype, compiled=False):
     return f"{'KV cache' if use_cache else 'no cache'}, {dtype}{', compiled' if compiled else ''}"
 
 
-def time_generate(model, idx, cfg, device, use_cache, dtype, compiled, n):
+def time_generate(model, idx, cfg, device, use_cache, dtype, step, n):
     """Seconds of one run of generate for n new tokens, sampling at temperature 1, each row from its
-    own random stream (as sample.py does)."""
+    own random stream (as sample.py does); step: a compiled step of model's, or None."""
     seeds = torch.arange(cfg.seed, cfg.seed + len(idx), device=device)
-    step = compile_decode(device.split(':')[0]) if compiled else None
     dtype = 'float32' if dtype == 'int8' else dtype  # int8 weights, fp32 activations
     with torch.no_grad(), autocast_context(device, dtype):
         t0 = time.perf_counter()
@@ -123,10 +122,15 @@ def speed(cfg, model, device):
     paths = [(use_cache, dtype, compiled) for use_cache in caches
              for dtype in (dtypes if use_cache else ['float32'])
              for compiled in ([False, True] if use_cache and cfg.compiled else [False])]
+    # each compiled path's step, compiled by its warm-up
+    steps = {path: compile_decode(models[path[1]], device.split(':')[0]) if path[2] else None
+             for path in paths}
     for path in paths:
-        # warm-up: allocate, pick kernels, compile
-        dt = time_generate(models[path[1]], idx, cfg, device, *path,
-                           min(cfg.max_new_tokens, 10))
+        # warm-up: allocate, pick kernels, compile (a compiled step to a refill of the cache,
+        # which has a graph of its own)
+        warm = max(10, c.block_size - cfg.prompt_len + 2) if path[2] else 10
+        dt = time_generate(models[path[1]], idx, cfg, device, *path[:2], steps[path],
+                           min(cfg.max_new_tokens, warm))
         if path[2]:
             print(f"{path_name(*path)}: compiled in {dt:.1f} s (the warm-up)", flush=True)
     # the paths take turns, repeats times, and each keeps its fastest run:
@@ -136,8 +140,8 @@ def speed(cfg, model, device):
     for _ in range(cfg.repeats):
         for path in paths:
             best[path] = min(best[path],
-                             time_generate(models[path[1]], idx, cfg, device, *path,
-                                           cfg.max_new_tokens))
+                             time_generate(models[path[1]], idx, cfg, device, *path[:2],
+                                           steps[path], cfg.max_new_tokens))
     results = {}
     limit = limits(model, cfg.batch_size, device, dtypes)
     for path, dt in best.items():

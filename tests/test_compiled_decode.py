@@ -17,74 +17,78 @@ PEAKY = 3.0  # weights 3x GPT-2's init: logits up to ~4, so greedy picks are not
 MODERN = dict(rotary=True, qk_norm=True, rmsnorm=True, relu2=True, bias=False)
 
 
-@pytest.fixture(scope='module')
-def step():
-    torch.compiler.reset()  # other tests' graphs do not count against the recompile limit
-    return compile_decode('cpu')
-
-
 @pytest.mark.parametrize('modern', [{}, MODERN])
-def test_compiled_greedy_equals_eager_for_500_tokens(step, modern):
+def test_compiled_greedy_equals_eager_for_500_tokens(modern):
     model = tiny_gpt(PEAKY, block_size=32, **modern).eval()
     idx = torch.randint(0, 65, (2, 7), generator=torch.Generator().manual_seed(1))
     # 500 tokens through a 32-position cache: 30 refills of its last 16 tokens on the way
     eager = generate(model, idx, 500, temperature=0.0)
-    compiled = generate(model, idx, 500, temperature=0.0, step=step)
+    compiled = generate(model, idx, 500, temperature=0.0, step=compile_decode(model, 'cpu'))
     assert compiled.shape == (2, 507) and torch.equal(compiled, eager)
     # and the text is not one token repeated (which any step would agree on)
     assert len(set(eager[0, 7:].tolist())) > 5
 
 
-def test_compiled_sampling_equals_eager_for_the_same_seeds(step):
+def test_compiled_sampling_equals_eager_for_the_same_seeds():
     model = tiny_gpt(PEAKY, block_size=32).eval()
     idx = torch.randint(0, 65, (3, 4), generator=torch.Generator().manual_seed(2))
     seeds = torch.tensor([5, 6, 7])
     kw = dict(temperature=0.9, top_k=40, top_p=0.95, seeds=seeds)
     eager = generate(model, idx, 200, **kw)
-    compiled = generate(model, idx, 200, step=step, **kw)
+    compiled = generate(model, idx, 200, step=compile_decode(model, 'cpu'), **kw)
     assert torch.equal(compiled, eager)
     assert not torch.equal(compiled[0], compiled[1])  # the rows draw on streams of their own
 
 
-def test_a_static_cache_step_equals_the_eager_step_at_every_position(step):
+def test_a_static_cache_step_equals_the_eager_step_at_every_position():
     # the static cache attends over all block_size keys behind a mask: the logits are the
     # per-row cache's to float rounding, rows at different positions included
     model = tiny_gpt(PEAKY).eval()
+    step = compile_decode(model, 'cpu', sample=False)
     static, rows = RowKVCache(model, 2, static=True), RowKVCache(model, 2)
     rows.pos[1] = static.pos[1] = 3  # row 1 starts at position 3 (keys 0..2 are zeros)
     for t in range(12):
         x = torch.tensor([[t % 65], [(7 * t) % 65]])
         with torch.no_grad():
-            a, b = step(model, static, x), decode_step(model, rows, x)
+            a, b = step(static, x), decode_step(model, rows, x)
         assert torch.allclose(a, b, atol=1e-5), t
     assert static.pos.tolist() == rows.pos.tolist() == [12, 15]
 
 
-def test_a_compiled_step_follows_the_model_it_is_given(step):
-    # frozen weights are the model's: another model gets a graph of its own, not stale weights
-    a, b = tiny_gpt(PEAKY).eval(), tiny_gpt(PEAKY, n_embd=32).eval()
+def test_each_model_gets_a_compiled_step_of_its_own():
+    # a step's weights are frozen into its graph and its model is not checked at each call: a
+    # second model, of the same shapes, must not run the first one's graph
+    a, b = tiny_gpt(PEAKY).eval(), tiny_gpt(PEAKY).eval()
     with torch.no_grad():
         for p in b.parameters():
             p.mul_(-1)
     idx = torch.tensor([[1, 2, 3]])
-    for model in (a, b):
-        assert torch.equal(generate(model, idx, 12, temperature=0.0, step=step),
-                           generate(model, idx, 12, temperature=0.0))
+    texts = [generate(model, idx, 12, temperature=0.0, step=compile_decode(model, 'cpu'))
+             for model in (a, b)]
+    assert not torch.equal(*texts)
+    for model, text in zip((a, b), texts):
+        assert torch.equal(text, generate(model, idx, 12, temperature=0.0))
+
+
+def test_a_compiled_step_needs_seeds_to_sample():
+    model = tiny_gpt(PEAKY).eval()
+    with pytest.raises(ValueError, match="samples with seeds"):
+        generate(model, torch.tensor([[1]]), 5, step=compile_decode(model, 'cpu'))
 
 
 def test_auto_compiles_only_runs_long_enough_to_repay_it():
     from nanogpt.device import COMPILE_MIN_STEPS, resolve_decode_compile
     from nanogpt.errors import UserError
-    assert not resolve_decode_compile('auto', 'cpu', 'float32', 500)  # the README's default
-    assert resolve_decode_compile('auto', 'cpu', 'float32', COMPILE_MIN_STEPS)
-    assert resolve_decode_compile('auto', 'cuda:1', 'bfloat16')  # a server on a GPU
-    assert not resolve_decode_compile('auto', 'cpu', 'float32')  # a server on a CPU
-    assert not resolve_decode_compile('auto', 'cpu', 'bfloat16')  # slower compiled, measured
-    assert not resolve_decode_compile('auto', 'cpu', 'float32', COMPILE_MIN_STEPS, rows=16)
-    assert resolve_decode_compile(True, 'cpu', 'bfloat16', 1)
-    assert not resolve_decode_compile(False, 'cuda', 'float32')
+    assert not resolve_decode_compile('auto', 'cpu', 500)  # the README's default
+    assert resolve_decode_compile('auto', 'cpu', COMPILE_MIN_STEPS)
+    assert resolve_decode_compile('auto', 'cuda:1')  # a server on a GPU
+    assert not resolve_decode_compile('auto', 'cpu')  # a server on a CPU
+    assert resolve_decode_compile('auto', 'cpu', COMPILE_MIN_STEPS, rows=4)
+    assert not resolve_decode_compile('auto', 'cpu', COMPILE_MIN_STEPS, rows=16)
+    assert resolve_decode_compile(True, 'cpu', 1)
+    assert not resolve_decode_compile(False, 'cuda')
     with pytest.raises(UserError, match="compile must be"):
-        resolve_decode_compile('yes', 'cpu', 'float32', 10)
+        resolve_decode_compile('yes', 'cpu', 10)
 
 
 def test_sample_py_with_compile_prints_the_eager_paths_text(trained_run, capsys):

@@ -148,6 +148,22 @@ def test_with_and_without_the_cache_the_same_text_within_block_size(trained):
     assert sample(SampleConfig(**kw)) == sample(SampleConfig(**kw, use_cache=False))
 
 
+def test_int8_samples_with_the_int8_weights(trained, capsys):
+    # --int8=True decodes with quantize_int8's copy of the model: its greedy text, not fp32's
+    from nanogpt.checkpoint import load_model
+    from nanogpt.quantize import quantize_int8
+    out_dir, _ = trained
+    kw = dict(out_dir=out_dir, start='ROMEO:', num_samples=2, max_new_tokens=25,
+              temperature=0.0, device='cpu', dtype='float32')
+    text = sample(SampleConfig(**kw, int8=True))
+    assert 'int8 weights' in capsys.readouterr().out
+    model, tokenizer, _ = load_model('resume', out_dir, 'best.pt')
+    idx = torch.tensor([tokenizer.encode('ROMEO:')])
+    with torch.no_grad():
+        ids = generate(quantize_int8(model).eval(), idx, 25, temperature=0.0)
+    assert text[0] == tokenizer.decode(ids[0].tolist())
+
+
 def test_bf16_barely_changes_the_val_loss_and_greedy_text(trained, char_data):
     out_dir, _ = trained
     loss, same = bench_sample(BenchSampleConfig(mode='bf16', out_dir=out_dir, data_dir=char_data,
