@@ -281,13 +281,13 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
 
     def sample(logits, n):
         return sample_next(logits, temperature, top_k, top_p, generator, seeds, step=n)
+
+    def eager(x, n):  # the next token after x, fed to the cache
+        return sample(decode_step(model, cache, x), n)
     if not use_cache:
         cache = None
     elif step is None:
-        cache = KVCache(model, B, cache_dtype)
-
-        def token(x, n):  # the next token after x, fed to the cache
-            return sample(decode_step(model, cache, x), n)
+        cache, token = KVCache(model, B, cache_dtype), eager
     else:
         if temperature and seeds is None:
             raise ValueError("a compiled step samples with seeds (one random stream per row)")
@@ -306,8 +306,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
             context = seq[:, max(0, n - (block_size if filled == 0 else keep)):n]
             cache.reset()
             with prefill:
-                idx_next = token(context, n) if filled else sample(decode_step(model, cache,
-                                                                               context), n)
+                idx_next = (token if filled else eager)(context, n)
             filled = context.size(1)
         else:
             # only the newest token is new to the cache

@@ -76,6 +76,25 @@ def test_a_compiled_step_needs_seeds_to_sample():
         generate(model, torch.tensor([[1]]), 5, step=compile_decode(model, 'cpu'))
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'int8'])
+def test_the_compiled_step_compiles_on_a_cpu_without_avx512_or_amx(dtype):
+    # Inductor's C++ GEMM template is the only matrix product a CPU step may use: it must have a
+    # kernel for an AVX2-only CPU (a Zen 3) too, mocked by telling Inductor to emit 256-bit code
+    import torch._inductor.config as inductor
+
+    from nanogpt.quantize import quantize_int8
+    model = tiny_gpt(PEAKY, block_size=32).eval()
+    model = quantize_int8(model).eval() if dtype == 'int8' else model
+    idx = torch.tensor([[1, 2, 3]])
+    autocast = torch.autocast('cpu', torch.bfloat16, enabled=dtype == 'bfloat16')
+    with inductor.patch({'cpp.simdlen': 256}), autocast:
+        compiled = generate(model, idx, 60, temperature=0.0, step=compile_decode(model, 'cpu'))
+        eager = generate(model, idx, 60, temperature=0.0)
+    assert compiled.shape == eager.shape == (1, 63)
+    if dtype == 'float32':
+        assert torch.equal(compiled, eager)
+
+
 def test_auto_compiles_only_runs_long_enough_to_repay_it():
     from nanogpt.device import COMPILE_MIN_STEPS, resolve_decode_compile
     from nanogpt.errors import UserError

@@ -10,9 +10,10 @@ import torch
 import sample as sample_module
 from conftest import flags, run_script, tiny_train_config
 from model import GPT, GPTConfig
-from nanogpt.checkpoint import FORMAT_VERSION
+from nanogpt.checkpoint import FORMAT_VERSION, load_model
 from nanogpt.errors import UserError
 from nanogpt.generation import generate
+from nanogpt.quantize import quantize_int8
 from sample import SampleConfig
 from sample import main as sample
 from scripts.bench_sample import BenchSampleConfig
@@ -150,8 +151,6 @@ def test_with_and_without_the_cache_the_same_text_within_block_size(trained):
 
 def test_int8_samples_with_the_int8_weights(trained, capsys):
     # --int8=True decodes with quantize_int8's copy of the model: its greedy text, not fp32's
-    from nanogpt.checkpoint import load_model
-    from nanogpt.quantize import quantize_int8
     out_dir, _ = trained
     kw = dict(out_dir=out_dir, start='ROMEO:', num_samples=2, max_new_tokens=25,
               temperature=0.0, device='cpu', dtype='float32')
