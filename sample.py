@@ -58,7 +58,7 @@ class SampleConfig:
     # 'auto': bf16 where decoding is faster in it (device.resolve_sample_dtype), else float32
     dtype: str = 'auto'
     # compile the decode step (generation.compile_decode: 1.4-2.7x the tokens/s at 1 row, after
-    # 10-40 s of compiling on a CPU); 'auto': from device.COMPILE_MIN_STEPS new tokens on
+    # 20-45 s of compiling on a CPU); 'auto': from device.COMPILE_MIN_STEPS (20,000) new tokens on
     compile: bool | str = 'auto'
     # weight-only int8 Linears (nanogpt/quantize.py), CPU only: a quarter of fp32's bytes a step;
     # the fastest at a few rows, compiled, but greedy text drifts from fp32's (docs/sampling.md)

@@ -99,6 +99,8 @@ def test_auto_compiles_only_runs_long_enough_to_repay_it():
     from nanogpt.device import COMPILE_MIN_STEPS, resolve_decode_compile
     from nanogpt.errors import UserError
     assert not resolve_decode_compile('auto', 'cpu', 500)  # the README's default
+    # compiling (~42 s on a 2-core CPU) costs more than 10,000 bf16 steps save (~26 s)
+    assert not resolve_decode_compile('auto', 'cpu', 10_000)
     assert resolve_decode_compile('auto', 'cpu', COMPILE_MIN_STEPS)
     assert resolve_decode_compile('auto', 'cuda:1')  # a server on a GPU
     assert not resolve_decode_compile('auto', 'cpu')  # a server on a CPU
