@@ -76,8 +76,11 @@ def main(cfg):
         raise UserError(f"{os.path.join(cfg.out_dir, cfg.ckpt)} has no chat format (a base "
                         "model?): finetune it on conversations first, see docs/chat.md")
     model.to(dev.device)
-    step = (compile_decode(model, dev.type)
-            if resolve_decode_compile(cfg.compile, dev.device, cfg.max_new_tokens) else None)
+    step = None  # the eager decode step
+    if resolve_decode_compile(cfg.compile, dev.device, cfg.max_new_tokens):
+        print("the decode step compiles during the first reply (once per session: tens of seconds "
+              "on a CPU)", file=sys.stderr, flush=True)
+        step = compile_decode(model, dev.type)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
     opening = [{'role': 'system', 'content': cfg.system}] if cfg.system else []

@@ -294,6 +294,25 @@ def test_chat_py_keeps_the_history_clears_it_and_quits_at_the_end_of_input(tmp_p
         'system', 'user', 'assistant']
 
 
+@pytest.mark.slow
+def test_chat_py_with_compile_says_so_and_replies_as_eager(tmp_path, chat_data, monkeypatch,
+                                                           capsys):
+    import chat
+    train.main(tiny_train_config(tmp_path, chat_data, dataset='secret_words', block_size=24,
+                                 max_iters=2, eval_interval=2, eval_iters=1))
+
+    def talk(compile):
+        monkeypatch.setattr('sys.stdin', io.StringIO('Ben asks: what is the secret word for red?\n'))
+        return chat.main(chat.ChatConfig(out_dir=str(tmp_path), device='cpu', dtype='float32',
+                                         max_new_tokens=30, temperature=0.8, compile=compile))
+    eager = talk(False)
+    assert 'compiles' not in capsys.readouterr().err
+    # seeded samples, token for token; the prompt fills the 24-token context, so the compiled
+    # step refills the cache too
+    assert talk(True) == eager
+    assert 'the decode step compiles during the first reply' in capsys.readouterr().err
+
+
 def test_chat_py_refuses_a_model_without_a_chat_format(out_dir, capsys):
     import chat
     err = fails(chat, chat.ChatConfig, [f'--out_dir={out_dir}', '--device=cpu'], out_dir, capsys)
