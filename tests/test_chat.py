@@ -302,7 +302,7 @@ def test_chat_py_with_compile_says_so_and_replies_as_eager(tmp_path, chat_data, 
                                  max_iters=2, eval_interval=2, eval_iters=1))
 
     def talk(compile):
-        monkeypatch.setattr('sys.stdin', io.StringIO('Ben asks: what is the secret word for red?\n'))
+        monkeypatch.setattr('sys.stdin', io.StringIO('Ben asks: what is the secret word for red?'))
         return chat.main(chat.ChatConfig(out_dir=str(tmp_path), device='cpu', dtype='float32',
                                          max_new_tokens=30, temperature=0.8, compile=compile))
     eager = talk(False)
