@@ -112,7 +112,7 @@ def resolve_compile(compile, device):
 
 # decode steps from which compiling the decode step pays for itself: on a 2-core CPU compiling a
 # run's two graphs (decode, refill) took ~42 s the first time and ~20 s once Inductor's kernel
-# cache had them, and saved ~2.6 ms a step in bf16 (`auto`'s dtype there), so a run breaks even
+# cache had them, and saved ~2.7 ms a step in bf16 (`auto`'s dtype there), so a run breaks even
 # at ~16,000 steps (docs/sampling.md); shorter runs stay eager
 COMPILE_MIN_STEPS = 20_000
 
